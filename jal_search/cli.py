@@ -1,0 +1,277 @@
+"""The `jal-search` command.
+
+Heavy imports (torch, Ray, MLflow) happen inside the verbs that need them, so `--help`, `spaces`
+and `validate` answer quickly. User mistakes print one line and exit 2; nothing else does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jal_search.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like UserError
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"jal-search: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("jal-search: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="jal-search",
+        description="Tune Joint Asymmetric Loss (JAL) and its baselines on noisy labels.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    _add_run(verbs)
+    _add_resume(verbs)
+    _add_spaces(verbs)
+    _add_validate(verbs)
+    _add_train(verbs)
+    _add_list(verbs)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ run, resume
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join: auto, ray://host:10001, host:6379")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
+
+
+def _add_run(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "run",
+        help="run a search: one Tune experiment per noise setting",
+        description="Run a search spec (a YAML file, or a shipped spec name: see `spaces`).",
+    )
+    p.add_argument("spec", nargs="?", default="quick", help="spec file or name (default: quick)")
+    p.add_argument("--name", help="experiment name (default: the spec's name)")
+    p.add_argument("--storage-path", help="where experiments live (default: the spec's)")
+    _add_cluster_args(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jal_search import search
+
+    search.run(
+        args.spec,
+        name=args.name,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        storage_path=args.storage_path,
+    )
+    return 0
+
+
+def _add_resume(verbs: Any) -> None:
+    p = verbs.add_parser("resume", help="finish an interrupted search")
+    p.add_argument("experiment", help="experiment folder (or its name under ./jal_results)")
+    _add_cluster_args(p)
+    p.set_defaults(func=_resume)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from jal_search import search
+
+    search.resume(args.experiment, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+# ------------------------------------------------------------------------------- spaces, validate
+def _add_spaces(verbs: Any) -> None:
+    p = verbs.add_parser("spaces", help="list the shipped search specs")
+    p.set_defaults(func=_spaces)
+
+
+def _spaces(args: argparse.Namespace) -> int:
+    from jal_search.spec import load_spec, shipped_specs
+
+    for name in shipped_specs():
+        spec = load_spec(name)
+        print(f"{name:22} {spec.dataset:10} {spec.loss:12} {spec.description}")
+    return 0
+
+
+def _add_validate(verbs: Any) -> None:
+    p = verbs.add_parser("validate", help="check a spec and print the resolved search")
+    p.add_argument("spec", help="spec file or shipped spec name")
+    p.set_defaults(func=_validate)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from jal_search.spec import describe, load_spec
+
+    print(describe(load_spec(args.spec)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- train
+def _add_train(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "train",
+        help="run one training (no Ray) and print per-epoch metrics",
+        description="Train one configuration without Ray and print its metrics every epoch. "
+        "Example: jal-search train --dataset mnist --noise symmetric:0.6 --loss jal_ce "
+        "--alpha 1 --beta 1 --a 30 --epochs 10",
+    )
+    p.add_argument("--dataset", default="mnist", help="dataset name (default: mnist, embedded)")
+    p.add_argument("--data-root", help="folder holding the dataset (see README: Datasets)")
+    p.add_argument("--subset", type=int, help="train on this many training images (seeded subset)")
+    p.add_argument("--noise", default="clean", help="TYPE:RATE, e.g. symmetric:0.6, human:worst")
+    p.add_argument("--noise-file", help="label file for dependent or human noise")
+    p.add_argument("--loss", default="jal_ce", help="loss name (jal-search list losses)")
+    for name in ("alpha", "beta", "a", "q", "gamma"):
+        p.add_argument(f"--{name}", type=float, help=f"loss parameter {name}")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="other loss parameter"
+    )
+    p.add_argument("--epochs", type=int, help="epochs (default: the dataset profile's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the profile's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out part (default 0.1)")
+    p.add_argument("--val-labels", choices=("noisy", "clean"), default="noisy")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+K-1")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jal_search.config import trial_config
+    from jal_search.noise import parse_noise_setting
+
+    noise = parse_noise_setting(args.noise)
+    params = {k: getattr(args, k) for k in ("alpha", "beta", "a", "q", "gamma")}
+    params = {k: v for k, v in params.items() if v is not None} | _key_values(args.param)
+    base = trial_config(
+        {
+            "dataset": args.dataset,
+            "data_root": args.data_root,
+            "train_subset": args.subset,
+            "noise_type": noise.type,
+            "noise_rate": noise.rate,
+            "noise_file": args.noise_file,
+            "loss": args.loss,
+            "loss_params": params,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "val_fraction": args.val_fraction,
+            "val_labels": args.val_labels,
+            "seed": args.seed,
+            "device": args.device,
+            "threads": args.threads,
+        },
+        where="train",
+    ).resolve()
+    if args.seeds < 1:
+        raise UserError("train: --seeds must be at least 1")
+    from jal_search.train import run_trial
+
+    finals = []
+    for seed in range(base.seed, base.seed + args.seeds):
+        cfg = base.model_copy(update={"seed": seed, "noise_seed": seed})
+        if not args.json:
+            print(f"# {_describe(cfg)}", flush=True)
+        result = run_trial(cfg, report=_print_epoch(args.json, seed))
+        finals.append(result.history[-1]["test_acc"] if result.history else float("nan"))
+        if result.status != "completed":
+            print(f"# seed {seed}: {result.status}", file=sys.stderr)
+    if len(finals) > 1 and not args.json:
+        import statistics
+
+        print(
+            f"# final test_acc over {len(finals)} seeds: "
+            f"{100 * statistics.mean(finals):.2f} ± {100 * statistics.stdev(finals):.2f}"
+        )
+    return 0
+
+
+def _describe(cfg: Any) -> str:
+    params = ", ".join(f"{k}={v:g}" for k, v in cfg.loss_params.items())
+    return (
+        f"{cfg.dataset} {cfg.noise_name} {cfg.loss}({params}) model={cfg.model} "
+        f"epochs={cfg.epochs} lr={cfg.lr:g} l1={cfg.l1:g} l2={cfg.l2:g} seed={cfg.seed}"
+    )
+
+
+def _print_epoch(as_json: bool, seed: int) -> Any:
+    columns = ("epoch", "train_loss", "noisy_fit", "memorized", "val_acc", "test_acc")
+    if not as_json:
+        print("  ".join(f"{c:>10}" for c in columns))
+
+    def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps({"seed": seed, **metrics}), flush=True)
+            return
+        print("  ".join(f"{metrics[c]:>10.4f}" for c in columns), flush=True)
+
+    return report
+
+
+def _key_values(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise UserError(f"--param: expected KEY=NUMBER, got {item!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- list
+def _add_list(verbs: Any) -> None:
+    p = verbs.add_parser("list", help="list losses, datasets, models or noise types")
+    p.add_argument("what", choices=("losses", "datasets", "models", "noise"))
+    p.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "losses":
+        from jal_search.losses import loss_names, loss_parameters
+
+        for name in loss_names():
+            params = ", ".join(f"{k}={v:g}" for k, v in loss_parameters(name).items())
+            print(f"{name:14} {params}")
+    elif args.what == "datasets":
+        from jal_search.profiles import PROFILES
+
+        for p in PROFILES.values():
+            print(f"{p.dataset:14} model={p.model} epochs={p.epochs} lr={p.lr:g}")
+    elif args.what == "models":
+        from jal_search.models import model_names
+
+        print("\n".join(model_names()))
+    else:
+        from jal_search.noise import NOISE_TYPES
+
+        print("\n".join(NOISE_TYPES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

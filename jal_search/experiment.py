@@ -1,0 +1,185 @@
+"""An experiment on disk: its manifest, its lock, and its trials' records — read without Ray.
+
+Layout under `<storage_path>/<name>/`:
+
+    experiment.json       the manifest: spec, noise settings (+ AMSE bound, status), versions
+    .lock                 held by the driver that runs or resumes the search
+    <setting>/            one Tune experiment per noise setting (e.g. symmetric-0.4)
+        <trial_id>/result.json   one JSON line per epoch (metrics, config, training_iteration)
+
+Failed trials are listed in the manifest (`failures`, trial id → reason) once their setting ends:
+Tune's own `error.txt` also appears for trials that failed and then succeeded on retry.
+
+Tune's per-trial files are the source of truth for results and for MLflow sync: they are written
+on every report and survive an MLflow outage or a killed driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from jal_search.errors import UserError
+
+MANIFEST = "experiment.json"
+DEFAULT_STORAGE = "jal_results"
+STATUSES = ("completed", "stopped", "diverged", "failed", "running")
+
+
+def experiment_dir(storage_path: str, name: str) -> Path:
+    if "://" in storage_path:
+        raise UserError(
+            f"storage_path: {storage_path!r} is remote; this version keeps experiments on a "
+            "local or NFS path (set storage_shared: true for an NFS path on a cluster)"
+        )
+    return Path(storage_path).expanduser().resolve() / name
+
+
+def find_experiment(ref: str) -> Path:
+    """An experiment folder from a path or a name under ./jal_results."""
+    for candidate in (Path(ref), Path(DEFAULT_STORAGE) / ref):
+        if (candidate / MANIFEST).is_file():
+            return candidate.resolve()
+    raise UserError(
+        f"experiment {ref!r}: no {MANIFEST} found at {ref} or {DEFAULT_STORAGE}/{ref}; "
+        "pass the experiment folder that `jal-search run` printed"
+    )
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path / MANIFEST}: unreadable manifest ({err})") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def update_setting(path: Path, setting: str, **fields: Any) -> None:
+    manifest = read_manifest(path)
+    for entry in manifest["settings"]:
+        if entry["name"] == setting:
+            entry.update(fields)
+    write_json_atomic(path / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the experiment's lock; a second driver on the same experiment is refused.
+
+    flock is released by the kernel when the holder dies, so a killed driver never leaves a stale
+    lock behind and `resume` works right after a SIGKILL.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / ".lock", "w")  # noqa: SIM115 - held for the whole block
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"experiment {path.name}: another jal-search process is running it ({path}); "
+            "wait for it, or choose another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and git SHA that every result carries."""
+    versions = {}
+    for package in ("jal-search", "torch", "ray", "optuna", "mlflow", "pyarrow", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "git_sha": git_sha(),
+        "versions": versions,
+    }
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class TrialRecord:
+    """One trial as Tune left it on disk."""
+
+    setting: str
+    trial_id: str
+    config: dict[str, Any]  # the sampled parameters
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    error: str | None = None
+
+    def status(self, max_epochs: int, setting_done: bool) -> str:
+        """completed / stopped (by ASHA) / diverged / failed / running (setting not finished)."""
+        if self.error is not None:
+            return "failed"
+        if self.history and self.history[-1].get("diverged", 0.0) >= 1.0:
+            return "diverged"
+        if self.history and self.history[-1].get("training_iteration", 0) >= max_epochs:
+            return "completed"
+        return "stopped" if setting_done else "running"
+
+
+def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[TrialRecord]:
+    """Every trial of one setting, sorted by trial id; tolerant of a half-written last line.
+
+    `failures` maps trial ids to the reason they finally failed (from the manifest).
+    """
+    records = []
+    folder = path / setting
+    if not folder.is_dir():
+        return records
+    for trial_dir in sorted(p for p in folder.iterdir() if (p / "params.json").is_file()):
+        try:
+            config = json.loads((trial_dir / "params.json").read_text())
+        except json.JSONDecodeError:
+            config = {}
+        history = []
+        result = trial_dir / "result.json"
+        if result.is_file():
+            for line in result.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    row = json.loads(line)
+                    row.pop("config", None)
+                    history.append(row)
+        # After retries a trial re-reports epochs it already logged: keep the last of each epoch.
+        by_epoch = {int(r["training_iteration"]): r for r in history if "training_iteration" in r}
+        epochs = [by_epoch[k] for k in sorted(by_epoch)]
+        records.append(
+            TrialRecord(setting, trial_dir.name, config, epochs, failures.get(trial_dir.name))
+        )
+    return records

@@ -1,0 +1,410 @@
+"""Search specs: the YAML schema, its validation, and the resolved plan of one search.
+
+A spec names a dataset, a loss, the noise settings to tune for, the parameter space, a budget and
+the searcher/scheduler. Unknown keys are errors. `plan()` turns a spec into one `SettingPlan` per
+noise setting: the space actually searched (with AMSE's lower bound on `a` applied), the paper's
+shipped config to evaluate first, and the base trial config every trial starts from.
+
+AMSE's bound (SPEC §2.4): for the losses built on AMSE (`nceandamse`, `nflandamse`, `amse`) and a
+noise setting with a closed-form bound (clean, symmetric, asymmetric), `a` below `amse_a_min` is
+removed from the space (`amse_bound: exclude`, the default) or kept and flagged in the results
+(`amse_bound: flag`). Other noise types have no closed-form bound and are searched as given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jal_search.config import TrialConfig, one_line, trial_config
+from jal_search.errors import UserError
+from jal_search.noise import NoiseSetting, parse_noise_setting
+from jal_search.profiles import get_profile, shipped_loss_params
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+AMSE_LOSSES = ("nceandamse", "nflandamse", "amse")
+CLOSED_FORM_BOUND = ("clean", "symmetric", "asymmetric")
+TRAINING_KNOBS = ("lr", "l1", "l2", "batch_size")  # TrialConfig fields a space may search
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Param(_Strict):
+    """One searched parameter: exactly one of loguniform / uniform / choice / fixed."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    choice: list[float] | None = Field(None, min_length=1)
+    fixed: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar_is_fixed(cls, value: Any) -> Any:
+        return {"fixed": value} if isinstance(value, int | float) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Param:
+        given = [
+            k for k in ("loguniform", "uniform", "choice", "fixed") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, choice, fixed")
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs a positive low bound")
+        return self
+
+    @property
+    def low(self) -> float:
+        bounds = self.loguniform or self.uniform
+        if bounds is not None:
+            return bounds[0]
+        return min(self.choice) if self.choice is not None else float(self.fixed)  # type: ignore[arg-type]
+
+    @property
+    def high(self) -> float:
+        bounds = self.loguniform or self.uniform
+        if bounds is not None:
+            return bounds[1]
+        return max(self.choice) if self.choice is not None else float(self.fixed)  # type: ignore[arg-type]
+
+    def contains(self, value: float) -> bool:
+        if self.choice is not None:
+            return value in self.choice
+        return self.low <= value <= self.high
+
+    def at_least(self, floor: float) -> Param | None:
+        """This parameter restricted to values ≥ floor; None when nothing is left."""
+        if self.high < floor:
+            return None
+        if self.choice is not None:
+            return Param(choice=[v for v in self.choice if v >= floor])
+        if self.fixed is not None:
+            return self
+        kind = "loguniform" if self.loguniform is not None else "uniform"
+        return Param(**{kind: (max(self.low, floor), self.high)})
+
+
+class Budget(_Strict):
+    trials: int = Field(ge=1, description="trials per noise setting (grid: the grid's size)")
+    epochs: int = Field(ge=1, description="maximum epochs per trial")
+
+
+class Scheduler(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class Searcher(_Strict):
+    type: Literal["optuna", "random", "grid"] = "optuna"
+    seed: int = 0
+
+
+class Resources(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, value: float) -> float:
+        if 0 < value < 1 and not math.isclose(1 / value, round(1 / value)):
+            raise ValueError("a GPU fraction must be 1/k (0.5, 0.25, ...) so trials pack a GPU")
+        if value >= 1 and value != int(value):
+            raise ValueError("more than one GPU per trial must be a whole number")
+        return value
+
+
+class SearchSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    dataset: str
+    data_root: str | None = None
+    train_subset: int | None = Field(None, gt=0)
+    loss: str
+    noise: dict[str, list[float | str]] = Field(min_length=1)
+    noise_files: dict[str, str] = Field(default_factory=dict)  # setting name → label file
+    space: dict[str, Param] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)  # TrialConfig overrides (lr, model, …)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_labels: Literal["noisy", "clean"] = "noisy"
+    budget: Budget
+    scheduler: Scheduler = Scheduler()
+    searcher: Searcher = Searcher()
+    amse_bound: Literal["exclude", "flag"] = "exclude"
+    paper_configs_first: bool = True
+    seed: int = 123
+    resources: Resources = Resources()
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(2, ge=0)
+    storage_path: str = "jal_results"
+    storage_shared: bool = False  # a local storage_path that every node of the cluster sees
+    tracking_uri: str | None = None
+
+    @field_validator("dataset", "loss")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @model_validator(mode="after")
+    def _scheduler_fits_budget(self) -> SearchSpec:
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.budget.epochs:
+            raise ValueError(
+                f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds budget.epochs "
+                f"({self.budget.epochs}); lower it or raise the budget"
+            )
+        return self
+
+
+class SettingPlan(_Strict):
+    """What one noise setting's Tune experiment searches."""
+
+    setting: NoiseSetting
+    space: dict[str, Param]
+    a_min: float | None  # AMSE's bound for this setting, when the loss uses AMSE and one is known
+    points_to_evaluate: list[dict[str, float]]
+    base: TrialConfig  # every trial's config before the sampled parameters are applied
+
+    @property
+    def name(self) -> str:
+        return self.setting.name
+
+    def trial(self, sampled: dict[str, float]) -> TrialConfig:
+        """The trial config for one sampled point of the space."""
+        knobs = {k: v for k, v in sampled.items() if k in TRAINING_KNOBS}
+        if "batch_size" in knobs:
+            knobs["batch_size"] = int(knobs["batch_size"])
+        params = {k: v for k, v in sampled.items() if k not in TRAINING_KNOBS}
+        return self.base.model_copy(
+            update={"loss_params": {**self.base.loss_params, **params}, **knobs}
+        )
+
+
+def load_spec(source: str | Path) -> SearchSpec:
+    """Read a spec from a YAML path or a shipped spec's name (`quick`, `smoke`, …)."""
+    path = resolve_spec_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; check indentation and colons") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a spec must be a YAML mapping of keys (name, dataset, loss, …)")
+    spec = parse_spec(raw, where=path.name)
+    if spec.data_root is not None:  # relative data folders are relative to the spec file
+        root = (path.parent / spec.data_root).resolve()
+        spec = spec.model_copy(update={"data_root": str(root)})
+    return spec
+
+
+def parse_spec(raw: dict[str, Any], where: str = "spec") -> SearchSpec:
+    try:
+        spec = SearchSpec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(one_line(err, where)) from None
+    plan(spec)  # semantic checks: loss, parameters, noise settings, bounds
+    return spec
+
+
+def resolve_spec_path(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path.resolve()
+    shipped = SPACES_DIR / f"{source}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(
+        f"spec {str(source)!r}: no such file and no shipped spec of that name; "
+        f"see `jal-search spaces` (shipped: {', '.join(shipped_specs())})"
+    )
+
+
+def shipped_specs() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def noise_settings(spec: SearchSpec) -> list[NoiseSetting]:
+    settings = []
+    for noise_type, rates in spec.noise.items():
+        if not rates:
+            raise UserError(f"noise.{noise_type}: empty list; give at least one rate or remove it")
+        for rate in rates:
+            text = noise_type if noise_type == "clean" else f"{noise_type}:{rate}"
+            settings.append(parse_noise_setting(text))
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise UserError(f"noise: a setting appears twice ({names}); list each rate once")
+    return settings
+
+
+def plan(spec: SearchSpec) -> list[SettingPlan]:
+    """One plan per noise setting; raises UserError for anything that cannot run."""
+    from jal_search.losses import amse_a_min, canonical_loss_name, loss_parameters
+
+    get_profile(spec.dataset)  # a dataset without a training profile cannot be searched
+    loss = canonical_loss_name(spec.loss)
+    valid = loss_parameters(loss)
+    for key in spec.space:
+        if key not in valid and key not in TRAINING_KNOBS:
+            raise UserError(
+                f"space.{key}: loss {loss!r} has no parameter {key!r}; valid: "
+                f"{', '.join([*valid, *TRAINING_KNOBS])}"
+            )
+    if spec.searcher.type == "grid":
+        loose = [k for k, p in spec.space.items() if p.choice is None and p.fixed is None]
+        if loose:
+            raise UserError(
+                f"space.{loose[0]}: a grid search needs `choice` or `fixed` values, not a range"
+            )
+    for key in ("epochs", "seed", "loss", "dataset", "noise_type", "noise_rate"):
+        if key in spec.training:
+            raise UserError(f"training.{key}: set this with the spec's own key, not under training")
+
+    base_fields = {
+        "dataset": spec.dataset,
+        "data_root": spec.data_root,
+        "train_subset": spec.train_subset,
+        "loss": loss,
+        "val_fraction": spec.val_fraction,
+        "val_labels": spec.val_labels,
+        "seed": spec.seed,
+        "threads": max(1, int(spec.resources.cpus_per_trial)),
+        **spec.training,
+        "epochs": spec.budget.epochs,
+    }
+    fixed = {k: p.fixed for k, p in spec.space.items() if p.fixed is not None}
+    shipped = {**valid, **shipped_loss_params(spec.dataset, loss)}
+    known = {s.name for s in noise_settings(spec)}
+    for name in spec.noise_files:
+        if name not in known:
+            raise UserError(
+                f"noise_files.{name}: not a noise setting of this spec ({sorted(known)})"
+            )
+
+    plans = []
+    for setting in noise_settings(spec):
+        num_classes = _num_classes(spec.dataset)
+        a_min = None
+        space = {k: p for k, p in spec.space.items() if p.fixed is None}
+        if loss in AMSE_LOSSES and setting.type in CLOSED_FORM_BOUND:
+            rate = 0.0 if setting.type == "clean" else float(setting.rate)
+            a_min = amse_a_min(setting.type, rate, num_classes)
+            if spec.amse_bound == "exclude":
+                space = _exclude_below(space, fixed, a_min, setting.name, shipped)
+        base = trial_config(
+            {
+                **base_fields,
+                "noise_type": setting.type,
+                "noise_rate": setting.rate,
+                "noise_file": spec.noise_files.get(setting.name),
+                "loss_params": fixed,
+            },
+            where="spec",
+        )
+        base.resolve()  # fails early on bad training overrides
+        points = []
+        if spec.paper_configs_first and space:
+            point = {k: shipped.get(k) for k in space}
+            if all(v is not None and space[k].contains(v) for k, v in point.items()):
+                points.append(point)
+        plans.append(
+            SettingPlan(
+                setting=setting, space=space, a_min=a_min, points_to_evaluate=points, base=base
+            )
+        )
+    return plans
+
+
+def _exclude_below(
+    space: dict[str, Param], fixed: dict[str, float], a_min: float, setting: str, shipped: dict
+) -> dict[str, Param]:
+    """Remove `a` < a_min from the space; refuse when nothing valid is left."""
+    if math.isinf(a_min):
+        raise UserError(
+            f"noise {setting}: no value of AMSE's `a` is noise-tolerant here (clean labels are not "
+            "the majority); drop the setting or set amse_bound: flag"
+        )
+    a = fixed.get("a", shipped.get("a"))
+    if "a" not in space:
+        if a is not None and a < a_min:
+            raise UserError(
+                f"space.a: fixed a={a:g} is below AMSE's bound {a_min:.3g} for {setting}; "
+                "raise it or set amse_bound: flag"
+            )
+        return space
+    narrowed = space["a"].at_least(a_min)
+    if narrowed is None:
+        raise UserError(
+            f"space.a: every value is below AMSE's bound {a_min:.3g} for {setting}; "
+            "raise the range or set amse_bound: flag"
+        )
+    return {**space, "a": narrowed}
+
+
+def _num_classes(dataset: str) -> int:
+    known = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10, "cifar100": 100,
+             "webvision": 50, "clothing1m": 14}  # fmt: skip
+    if dataset not in known:
+        raise UserError(
+            f"dataset: {dataset!r} cannot be searched by name alone; valid: {', '.join(known)}"
+        )
+    return known[dataset]
+
+
+def grid_size(spec: SearchSpec) -> int:
+    choices = [p.choice for p in spec.space.values() if p.choice is not None]
+    return math.prod(len(c) for c in choices) if choices else 1
+
+
+def trials_per_setting(spec: SearchSpec) -> int:
+    return grid_size(spec) if spec.searcher.type == "grid" else spec.budget.trials
+
+
+def describe(spec: SearchSpec) -> str:
+    """The resolved search, for `jal-search validate`: settings × trials × epochs and the bounds."""
+    plans = plan(spec)
+    trials = trials_per_setting(spec)
+    lines = [
+        f"search {spec.name}: {spec.dataset} / {spec.loss} / searcher {spec.searcher.type} "
+        f"(seed {spec.searcher.seed}) / scheduler {spec.scheduler.type}"
+        + (
+            f" (grace {spec.scheduler.grace_period}, reduction {spec.scheduler.reduction_factor:g})"
+            if spec.scheduler.type == "asha"
+            else ""
+        ),
+        f"{len(plans)} noise settings × {trials} trials × ≤{spec.budget.epochs} epochs "
+        f"= worst case {len(plans) * trials * spec.budget.epochs} trial-epochs",
+        f"selection: val_acc on {spec.val_labels} validation labels "
+        f"({spec.val_fraction:.0%} of the training set); test accuracy is reported only",
+    ]
+    for p in plans:
+        bound = "" if p.a_min is None else f"  a_min={p.a_min:.3g} ({spec.amse_bound})"
+        space = ", ".join(f"{k}={_show(v)}" for k, v in p.space.items()) or "(fixed)"
+        first = f"  first: {p.points_to_evaluate[0]}" if p.points_to_evaluate else ""
+        lines.append(f"  {p.name:16} {space}{bound}{first}")
+    return "\n".join(lines)
+
+
+def _show(p: Param) -> str:
+    for kind in ("loguniform", "uniform"):
+        bounds = getattr(p, kind)
+        if bounds is not None:
+            return f"{kind}[{bounds[0]:.3g}, {bounds[1]:.3g}]"
+    return f"choice{p.choice}" if p.choice is not None else f"{p.fixed:g}"
+
+
+def grid_points(space: dict[str, Param]) -> list[dict[str, float]]:
+    keys = list(space)
+    values = [space[k].choice or [space[k].fixed] for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]

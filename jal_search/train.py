@@ -1,0 +1,336 @@
+"""One trial, top to bottom: seed, build data/noise/model/loss, train, evaluate every epoch, report.
+
+This is the loop a researcher reads to trust the results. It knows nothing of Ray or MLflow: the
+caller passes a `report(metrics, state)` hook that is called once per epoch with the epoch's
+metrics and a checkpoint state (plain tensors and numbers, loadable with `weights_only=True`).
+
+Metrics per epoch (all floats):
+- `epoch`: epochs completed (1-based);
+- `train_loss`: mean training loss over the epoch's batches (the L1 term excluded);
+- `noisy_fit`: fraction of training samples whose prediction (taken during the epoch, on the
+  augmented batch) equals their noisy label;
+- `memorized`: among training samples whose noisy label is wrong, the fraction predicted as that
+  wrong label — the memorisation of noise that robust losses resist (NaN without noise);
+- `val_acc`: accuracy on the held-out split against its labels (noisy unless `val_labels=clean`);
+  the only metric a search may select on (NaN when `val_fraction=0`);
+- `test_acc`: clean test accuracy, reported, never used for selection;
+- `lr`, `epoch_seconds`, and `diverged` (1.0 when the epoch's loss was NaN/inf: the trial ends).
+
+Determinism: model init, batch order and augmentation depend only on (seed, epoch), so resuming from
+the state of epoch e continues exactly as an uninterrupted run would (up to non-deterministic
+kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jal_search.config import SUBSET_SEED, VALIDATION_SEED, TrialConfig
+from jal_search.data import eval_loader, load_dataset, split_validation, train_loader
+from jal_search.errors import UserError
+from jal_search.losses import build_loss
+from jal_search.models import build_model
+from jal_search.noise import corrupt_labels, label_hash, realised_rate
+from jal_search.profiles import get_profile
+
+Metrics = dict[str, float]
+Report = Callable[[Metrics, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """What a trial trains on: the dataset, the (noisy) labels and the train/validation split."""
+
+    dataset: Any  # data.ImageSet | data.FileImageSet
+    clean_labels: torch.Tensor  # the (subset's) training labels, as shipped
+    noisy_labels: torch.Tensor
+    image_index: np.ndarray  # the dataset rows used for training (a subset, or all)
+    train_idx: np.ndarray  # positions into image_index
+    val_idx: np.ndarray
+    noise_rate: float  # realised fraction of wrong labels
+    label_hash: str  # hash of the noisy label vector
+
+
+@dataclass
+class TrialResult:
+    status: str  # "completed" | "diverged"
+    history: list[Metrics] = field(default_factory=list)
+    data: TrialData | None = None
+
+
+def prepare_data(cfg: TrialConfig) -> TrialData:
+    """Load the dataset and build the noisy labels and the split; memoised for reused processes.
+
+    Noise is applied to the whole training (sub)set, then a validation part is held out; its labels
+    are the noisy ones unless `val_labels="clean"`. Test labels are always clean.
+    """
+    seed = cfg.seed if cfg.noise_seed is None else cfg.noise_seed
+    return _prepare(
+        cfg.dataset,
+        cfg.data_root,
+        cfg.train_subset,
+        cfg.noise_type,
+        cfg.noise_rate,
+        cfg.noise_file,
+        seed,
+        cfg.val_fraction,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare(
+    dataset: str,
+    data_root: str | None,
+    train_subset: int | None,
+    noise_type: str,
+    noise_rate: float | str,
+    noise_file: str | None,
+    noise_seed: int,
+    val_fraction: float,
+) -> TrialData:
+    ds = load_dataset(dataset, data_root)
+    labels = ds.train_labels.numpy()
+    index = np.arange(len(labels))
+    if train_subset is not None and train_subset < len(labels):
+        shuffled = np.random.default_rng(SUBSET_SEED).permutation(len(labels))
+        index = np.sort(shuffled[:train_subset])
+    clean = labels[index]
+    features = None
+    if noise_type == "dependent" and noise_file is None:
+        features = _normalised_features(ds, index)
+    noisy = corrupt_labels(
+        clean,
+        noise_type,
+        noise_rate,
+        ds.num_classes,
+        seed=noise_seed,
+        dataset=dataset,
+        features=features,
+        label_file=noise_file,
+    )
+    train_idx, val_idx = split_validation(len(index), val_fraction, VALIDATION_SEED)
+    return TrialData(
+        dataset=ds,
+        clean_labels=torch.from_numpy(clean.astype(np.int64)),
+        noisy_labels=torch.from_numpy(noisy.astype(np.int64)),
+        image_index=index,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        noise_rate=realised_rate(clean, noisy),
+        label_hash=label_hash(noisy),
+    )
+
+
+def _normalised_features(ds: Any, index: np.ndarray) -> np.ndarray:
+    """Flattened, normalised training images: the input of the instance-dependent noise model."""
+    if not hasattr(ds, "train_images"):
+        raise UserError(
+            f"noise_file: {ds.name} is read from files; generated instance-dependent noise "
+            "needs an in-memory dataset, so pass a precomputed label file as noise_file"
+        )
+    images = ds.train_images[torch.from_numpy(index)].float() / 255.0
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    return ((images - mean) / std).flatten(1).numpy()
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def run_trial(
+    config: TrialConfig, report: Report | None = None, resume: dict[str, Any] | None = None
+) -> TrialResult:
+    """Train one configuration; call `report(metrics, state)` after every epoch.
+
+    `resume` is a state previously passed to `report` (or read by `load_checkpoint`): training
+    continues after its epoch. A NaN/inf epoch loss ends the trial with status "diverged".
+    """
+    cfg = config.resolve()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    data = prepare_data(cfg)
+    ds = data.dataset
+
+    torch.manual_seed(cfg.seed)
+    channels, size = _image_shape(ds)
+    model = build_model(cfg.model, ds.num_classes, channels, size).to(device)
+    loss_fn = build_loss(cfg.loss, ds.num_classes, **cfg.loss_params)
+    profile = get_profile(cfg.dataset)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=profile.momentum,
+        nesterov=profile.nesterov,
+        weight_decay=cfg.l2,
+    )
+    if profile.schedule == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, profile.step_size, profile.step_gamma
+        )
+
+    history: list[Metrics] = []
+    start = 0
+    if resume is not None:
+        if resume["label_hash"] != data.label_hash:
+            raise UserError(
+                "resume: the checkpoint was trained on different noisy labels "
+                f"({resume['label_hash']} != {data.label_hash}); start the trial afresh"
+            )
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history = list(resume["history"])
+        start = int(resume["epoch"])
+
+    # Both label vectors travel with each batch, so memorisation is measured without extra passes.
+    pair = torch.stack([data.noisy_labels, data.clean_labels], dim=1)
+    rows = data.image_index
+    train_batches = train_loader(
+        ds,
+        rows[data.train_idx],
+        pair[data.train_idx],
+        batch_size=cfg.batch_size,
+        device=device,
+        seed=cfg.seed,
+    )
+    val_labels = data.clean_labels if cfg.val_labels == "clean" else data.noisy_labels
+    val_batches = None
+    if len(data.val_idx):
+        val_batches = eval_loader(
+            ds,
+            rows[data.val_idx],
+            val_labels[data.val_idx],
+            batch_size=profile.eval_batch_size,
+            device=device,
+        )
+    test_batches = eval_loader(ds, None, None, batch_size=profile.eval_batch_size, device=device)
+    l1_params = [p for p in model.parameters()] if cfg.l1 else []
+
+    status = "completed"
+    for epoch in range(start, cfg.epochs):
+        began = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        fit = torch.zeros((), device=device, dtype=torch.long)
+        memo = torch.zeros((), device=device, dtype=torch.long)
+        wrong = torch.zeros((), device=device, dtype=torch.long)
+        batches = 0
+        for images, labels in train_batches.batches(epoch):
+            noisy, clean = labels[:, 0], labels[:, 1]
+            logits = model(images)
+            loss = loss_fn(logits, noisy)
+            objective = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params) if cfg.l1 else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if profile.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), profile.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                hits = logits.argmax(1) == noisy
+                flipped = noisy != clean
+                loss_sum += loss.detach()
+                fit += hits.sum()
+                memo += (hits & flipped).sum()
+                wrong += flipped.sum()
+            batches += 1
+        scheduler.step()
+        train_loss = loss_sum.item() / max(batches, 1)
+        diverged = not math.isfinite(train_loss)
+        n_train = len(data.train_idx)
+        n_wrong = int(wrong.item())
+        metrics: Metrics = {
+            "epoch": float(epoch + 1),
+            "train_loss": train_loss,
+            "noisy_fit": fit.item() / max(n_train, 1),
+            "memorized": memo.item() / n_wrong if n_wrong else math.nan,
+            "val_acc": accuracy(model, val_batches) if val_batches and not diverged else math.nan,
+            "test_acc": accuracy(model, test_batches) if not diverged else math.nan,
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - began,
+            "diverged": float(diverged),
+        }
+        history.append(metrics)
+        if report is not None:
+            report(metrics, _state(epoch + 1, model, optimizer, scheduler, data, history))
+        if diverged:
+            status = "diverged"
+            break
+    return TrialResult(status=status, history=history, data=data)
+
+
+def _image_shape(ds: Any) -> tuple[int, int]:
+    if hasattr(ds, "train_images"):
+        return int(ds.train_images.shape[1]), int(ds.train_images.shape[-1])
+    return 3, int(ds.image_size)
+
+
+def accuracy(model: torch.nn.Module, loader: Any) -> float:
+    """Top-1 accuracy of `model` over `loader` in eval mode (one device→host sync)."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long)
+    total = 0
+    with torch.inference_mode():
+        for images, labels in loader.batches(0):
+            correct = correct.to(labels.device) + (model(images).argmax(1) == labels).sum()
+            total += len(labels)
+    return correct.item() / max(total, 1)
+
+
+def _state(
+    epoch: int, model: Any, optimizer: Any, scheduler: Any, data: TrialData, history: list[Metrics]
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "label_hash": data.label_hash,
+        "history": [dict(m) for m in history],
+    }
+
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write `state` into `directory` atomically (a crash never leaves a half-written file)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read (missing, truncated, or not ours)."""
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Read a state written by `save_checkpoint`; never unpickles arbitrary objects."""
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, wrong format, missing file: all mean "unusable"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err

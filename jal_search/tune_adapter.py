@@ -1,0 +1,203 @@
+"""The only module that calls Ray. Ray's API moves quickly; everything it touches is here.
+
+- `connect` starts a private local Ray or attaches to a cluster;
+- `run_setting` runs (or resumes) one noise setting's Tune experiment: OptunaSearch/random/grid,
+  ASHA on epochs, per-epoch checkpoints, retries from the last checkpoint;
+- the trainable wraps `train.run_trial`, turning its `report(metrics, state)` hook into
+  `tune.report(metrics, checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from jal_search.errors import UserError
+from jal_search.spec import Param, SearchSpec, SettingPlan
+from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
+
+METRIC, MODE = "val_acc", "max"
+CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
+# Trials must not chdir into their trial folder: data and spec paths stay as given.
+TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    cpus: float
+    gpus: float
+    started_here: bool  # True when this process started a private local Ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
+    """Attach to `address` (`auto`, `ray://…`, host:port) or start a private local Ray.
+
+    A private Ray (`address="local"`) never attaches to a stale cluster left by a killed run.
+    """
+    os.environ.update(TRIAL_ENV)
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": TRIAL_ENV}, "log_to_driver": True}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **kwargs,
+            )
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return Cluster(nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0), started)
+
+
+def disconnect(cluster: Cluster) -> None:
+    if cluster.started_here and ray.is_initialized():
+        ray.shutdown()
+
+
+def check_resources(spec: SearchSpec, cluster: Cluster) -> None:
+    """Refuse trials larger than the cluster, and local storage on a multi-node cluster."""
+    r = spec.resources
+    if r.cpus_per_trial > cluster.cpus:
+        raise UserError(
+            f"resources.cpus_per_trial: {r.cpus_per_trial:g} exceeds the cluster's "
+            f"{cluster.cpus:g} CPUs; lower it"
+        )
+    if r.gpus_per_trial > cluster.gpus:
+        raise UserError(
+            f"resources.gpus_per_trial: {r.gpus_per_trial:g} but the cluster has "
+            f"{cluster.gpus:g} GPUs; set it to 0 or run on a GPU cluster"
+        )
+    if cluster.nodes > 1 and "://" not in spec.storage_path and not spec.storage_shared:
+        raise UserError(
+            f"storage_path: {spec.storage_path!r} is local but the cluster has {cluster.nodes} "
+            "nodes, so checkpoints written on one node are invisible to the others; use shared "
+            "storage (s3://…, gs://…) or an NFS path with storage_shared: true"
+        )
+
+
+def run_setting(
+    spec: SearchSpec,
+    plan: SettingPlan,
+    experiment_dir: str,
+    callbacks: Sequence[Any] = (),
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """Run or resume one noise setting's Tune experiment.
+
+    Returns one entry per trial: its id, its final error (None unless it finally failed) and its
+    last reported metrics.
+    """
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, plan=plan),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+    )
+    path = (
+        str(Path(experiment_dir) / plan.name)
+        if "://" not in experiment_dir
+        else (f"{experiment_dir.rstrip('/')}/{plan.name}")
+    )
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(spec, plan),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=_searcher(spec, plan),
+                scheduler=_scheduler(spec),
+                num_samples=1 if spec.searcher.type == "grid" else spec.budget.trials,
+                max_concurrent_trials=spec.max_concurrent_trials,
+                reuse_actors=True,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+                trial_name_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=plan.name,
+                storage_path=experiment_dir,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                callbacks=list(callbacks),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    return [
+        {
+            "trial_id": Path(r.path).name,  # trial folders are named by trial id
+            "error": f"{type(r.error).__name__}: {r.error}".splitlines()[0] if r.error else None,
+            "last": r.metrics or {},
+        }
+        for r in grid
+    ]
+
+
+def _param_space(spec: SearchSpec, plan: SettingPlan) -> dict[str, Any]:
+    if spec.searcher.type == "grid":
+        return {k: tune.grid_search(p.choice or [p.fixed]) for k, p in plan.space.items()}
+    return {k: _distribution(p) for k, p in plan.space.items()}
+
+
+def _distribution(p: Param) -> Any:
+    if p.loguniform is not None:
+        return tune.loguniform(*p.loguniform)
+    if p.uniform is not None:
+        return tune.uniform(*p.uniform)
+    return tune.choice(p.choice)
+
+
+def _searcher(spec: SearchSpec, plan: SettingPlan) -> Any:
+    points = plan.points_to_evaluate or None
+    if spec.searcher.type == "optuna" and plan.space:
+        return OptunaSearch(points_to_evaluate=points, seed=spec.searcher.seed)
+    if spec.searcher.type == "grid":
+        return BasicVariantGenerator()
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=spec.searcher.seed)
+
+
+def _scheduler(spec: SearchSpec) -> Any:
+    if spec.scheduler.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.budget.epochs,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def _trainable(params: dict[str, Any], plan: SettingPlan) -> None:
+    """One Tune trial: the sampled point of the space applied to the setting's base config."""
+    config = plan.trial(params)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            try:
+                resume = load_checkpoint(directory)
+            except CheckpointError as err:  # a damaged checkpoint costs progress, not the trial
+                warnings.warn(f"{err}; restarting the trial from epoch 0", stacklevel=1)
+
+    def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="jal-ckpt-") as directory:
+            save_checkpoint(state, directory)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    run_trial(config, report=report, resume=resume)
