@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import struct
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,7 +397,7 @@ def _read_mnist_cache(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in _MNIST_SHAPES}
-    except (OSError, ValueError, KeyError):
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     ok = all(
         arrays[k].shape == shape and arrays[k].dtype == dtype

@@ -26,6 +26,7 @@ Notation: p = softmax(z), p_y = p[y], K classes, sg(.) = detached (no gradient),
                  CE_eps / FL_eps are CE / FL on p'_y = max((p_y + m*[y = argmax p]) / (m+1), 1e-8)
     XandY        alpha*X + beta*Y with X, Y as above at scale 1; the MAE term of nceandmae,
                  nflandmae and agceandmae is beta*(1-p_y) (APL convention), not beta*2(1-p_y).
+                 One gamma serves both terms of nflandnnfl (as in ANL).
 
 Aliases: jal_ce = nceandamse (JAL-CE), jal_fl = nflandamse (JAL-FL), anl_ce = nceandnnce,
 anl_fl = nflandnnfl, ldr_kl = ldr, nceandaue = nceandaul. Names ignore case and '-' vs '_'.
@@ -107,7 +108,7 @@ def _sq_dist(b: _Batch, a: float) -> Tensor:
 def _eps_log_p_y(b: _Batch, m: float) -> Tensor:
     """log p'_y of eps-softmax: m is added to the argmax entry, then renormalised and clamped."""
     hit = (b.probs.argmax(dim=1) == b.targets).to(b.p_y.dtype)
-    return ((b.p_y + m * hit) / (m + 1)).log()
+    return ((b.p_y + m * hit) / (m + 1)).clamp(min=EPS).log()
 
 
 def _ce(b: _Batch, P: Mapping[str, float]) -> Tensor:
@@ -231,7 +232,7 @@ _NONNEG = _Range(0.0)  # weights (alpha, beta, scale) and gamma
 _POS = _Range(0.0, low_open=True)
 _REAL = _Range(-math.inf, low_open=True)
 _GCE_Q = _Range(0.0, low_open=True, high=1.0)
-_AMSE_A = _Range(1.0)  # below 1 AMSE is asymmetric for no noise level (SPEC §2.3)
+_AMSE_A = _Range(1.0)  # a < 1 fails a(w_m - w_n) >= 1 even without noise (SPEC §2.3)
 _AUL_A = _Range(1.0, low_open=True)  # a - p_y must stay positive
 _MIN_PROB = _Range(0.0, low_open=True, high=1.0, high_open=True)
 

@@ -42,9 +42,9 @@ PROFILES: dict[str, Profile] = {
     for p in (
         # The embedded default: a CNN small enough that an epoch over 60k images takes seconds on
         # 2 CPU cores; SGD + cosine + clipping as the paper's CIFAR-10 setup.
-        Profile("mnist", "cnn_small", epochs=20, lr=0.01, batch_size=128, eval_batch_size=1024,
+        Profile("mnist", "cnn_small", epochs=20, lr=0.05, batch_size=128, eval_batch_size=1024,
                 loss_table="cifar10"),
-        Profile("fashion_mnist", "cnn_small", epochs=30, lr=0.01, batch_size=128,
+        Profile("fashion_mnist", "cnn_small", epochs=30, lr=0.05, batch_size=128,
                 eval_batch_size=1024, loss_table="cifar10"),
         Profile("digits", "cnn_small", epochs=30, lr=0.05, batch_size=64, eval_batch_size=512,
                 loss_table="cifar10"),

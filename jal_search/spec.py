@@ -202,10 +202,18 @@ def load_spec(source: str | Path) -> SearchSpec:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a spec must be a YAML mapping of keys (name, dataset, loss, …)")
     spec = parse_spec(raw, where=path.name)
-    if spec.data_root is not None:  # relative data folders are relative to the spec file
-        root = (path.parent / spec.data_root).resolve()
-        spec = spec.model_copy(update={"data_root": str(root)})
-    return spec
+
+    # Relative data paths are relative to the spec file, and absolute from here on: trials run
+    # in other processes and on other nodes.
+    def absolute(p: str) -> str:
+        return str((path.parent / p).expanduser().resolve())
+
+    return spec.model_copy(
+        update={
+            "data_root": None if spec.data_root is None else absolute(spec.data_root),
+            "noise_files": {k: absolute(v) for k, v in spec.noise_files.items()},
+        }
+    )
 
 
 def parse_spec(raw: dict[str, Any], where: str = "spec") -> SearchSpec:

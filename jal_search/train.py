@@ -14,6 +14,7 @@ Metrics per epoch (all floats):
 - `val_acc`: accuracy on the held-out split against its labels (noisy unless `val_labels=clean`);
   the only metric a search may select on (NaN when `val_fraction=0`);
 - `test_acc`: clean test accuracy, reported, never used for selection;
+- `noise_realised`: the realised fraction of wrong training labels (constant over epochs);
 - `lr`, `epoch_seconds`, and `diverged` (1.0 when the epoch's loss was NaN/inf: the trial ends).
 
 Determinism: model init, batch order and augmentation depend only on (seed, epoch), so resuming from
@@ -158,8 +159,9 @@ def run_trial(
 ) -> TrialResult:
     """Train one configuration; call `report(metrics, state)` after every epoch.
 
-    `resume` is a state previously passed to `report` (or read by `load_checkpoint`): training
-    continues after its epoch. A NaN/inf epoch loss ends the trial with status "diverged".
+    The state's tensors alias the live model and optimiser (no copy per epoch): `report` must
+    save or copy it before returning. `resume` is such a state (e.g. read by `load_checkpoint`):
+    training continues after its epoch. A NaN/inf epoch loss ends the trial with status "diverged".
     """
     cfg = config.resolve()
     if cfg.threads:
@@ -266,6 +268,7 @@ def run_trial(
             "val_acc": accuracy(model, val_batches) if val_batches and not diverged else math.nan,
             "test_acc": accuracy(model, test_batches) if not diverged else math.nan,
             "lr": lr,
+            "noise_realised": data.noise_rate,
             "epoch_seconds": time.perf_counter() - began,
             "diverged": float(diverged),
         }

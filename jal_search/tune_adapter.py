@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -31,6 +32,8 @@ METRIC, MODE = "val_acc", "max"
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+# Checkpointing every epoch is deliberate (nothing is lost); Tune's warning about it is noise.
+DRIVER_ENV = {**TRIAL_ENV, "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
 
     A private Ray (`address="local"`) never attaches to a stale cluster left by a killed run.
     """
-    os.environ.update(TRIAL_ENV)
+    os.environ.update(DRIVER_ENV)
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": TRIAL_ENV}, "log_to_driver": True}
@@ -163,10 +166,36 @@ def _distribution(p: Param) -> Any:
     return tune.choice(p.choice)
 
 
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna how a trial really ended.
+
+    Ray's OptunaSearch reports a trial stopped early by ASHA as COMPLETE with its early score, so
+    TPE would treat an epoch-2 accuracy like a finished one. Here such a trial is PRUNED (Optuna
+    then ranks it by its last intermediate value, below finished trials), and a diverged trial
+    is FAIL, so neither steers the sampler like a finished result.
+    """
+
+    def __init__(self, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_epochs = max_epochs
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if result and not error:
+            if result.get("diverged", 0.0) >= 1.0:
+                result, error = None, True
+            elif result.get("training_iteration", 0) < self._max_epochs:
+                result = None  # no value and no error: Optuna records PRUNED
+        super().on_trial_complete(trial_id, result, error)
+
+
 def _searcher(spec: SearchSpec, plan: SettingPlan) -> Any:
     points = plan.points_to_evaluate or None
     if spec.searcher.type == "optuna" and plan.space:
-        return OptunaSearch(points_to_evaluate=points, seed=spec.searcher.seed)
+        return PruningAwareOptunaSearch(
+            spec.budget.epochs, points_to_evaluate=points, seed=spec.searcher.seed
+        )
     if spec.searcher.type == "grid":
         return BasicVariantGenerator()
     return BasicVariantGenerator(points_to_evaluate=points, random_state=spec.searcher.seed)
@@ -185,6 +214,8 @@ def _scheduler(spec: SearchSpec) -> Any:
 
 def _trainable(params: dict[str, Any], plan: SettingPlan) -> None:
     """One Tune trial: the sampled point of the space applied to the setting's base config."""
+    # One "checkpoint created" INFO line per epoch per trial would drown the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     config = plan.trial(params)
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -195,9 +226,12 @@ def _trainable(params: dict[str, Any], plan: SettingPlan) -> None:
             except CheckpointError as err:  # a damaged checkpoint costs progress, not the trial
                 warnings.warn(f"{err}; restarting the trial from epoch 0", stacklevel=1)
 
+    node = ray.get_runtime_context().get_node_id()  # where each epoch ran, for cluster debugging
+
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="jal-ckpt-") as directory:
             save_checkpoint(state, directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            result = {**metrics, "label_hash": state["label_hash"], "node_id": node}
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
     run_trial(config, report=report, resume=resume)

@@ -1,0 +1,67 @@
+"""The `jal-search` command: train without Ray, machine-readable output, listings, errors."""
+
+import json
+import subprocess
+import sys
+
+from jal_search.cli import main
+
+
+def jal(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "jal_search.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_json_prints_one_object_per_epoch():
+    args = "--dataset digits --noise symmetric:0.4 --loss jal_ce --alpha 2 --beta 0.5 --a 12"
+    out = jal("train", *args.split(), "--epochs", "3", "--seed", "5", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_acc", "test_acc", "noisy_fit", "seed"} <= set(rows[0])
+    assert all(r["seed"] == 5 for r in rows)
+    assert 0.3 < rows[0]["noise_realised"] <= 0.4
+
+
+def test_train_over_seeds_prints_mean_and_std(capsys):
+    assert (
+        main(["train", "--dataset", "digits", "--epochs", "1", "--seeds", "2", "--loss", "ce"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("# digits clean ce()") == 2
+    assert "final test_acc over 2 seeds:" in out and "±" in out
+
+
+def test_train_user_errors_exit_2(capsys):
+    cases = [
+        (["train", "--loss", "nope"], "unknown loss 'nope'"),
+        (["train", "--param", "gamma"], "--param: expected KEY=NUMBER"),
+        (["train", "--noise", "symmetric"], "symmetric"),
+        (["train", "--epochs", "0"], "train.epochs"),
+        (["train", "--loss", "gce", "--param", "q=5"], "q"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_list_names_the_registries(capsys):
+    assert main(["list", "losses"]) == 0
+    out = capsys.readouterr().out
+    assert "nceandamse" in out and "alpha=1, beta=1, a=30" in out
+    assert main(["list", "noise"]) == 0
+    assert "dependent" in capsys.readouterr().out
+
+
+def test_help_and_spaces_do_not_import_ray_or_mlflow():
+    code = (
+        "import sys; from jal_search.cli import main; main(['spaces']); "
+        "print(sorted({'ray', 'mlflow'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]")
+    assert "quick" in out.stdout

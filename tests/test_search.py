@@ -1,0 +1,109 @@
+"""The search driver on a real local Ray: Optuna + ASHA per noise setting, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jal_search import search
+from jal_search.experiment import read_manifest, read_trials
+from jal_search.spec import SPACES_DIR, load_spec
+
+
+def test_smoke_search_end_to_end(local_ray, tmp_path, capsys):
+    path = search.run("smoke", storage_path=str(tmp_path))
+    manifest = read_manifest(path)
+    spec = load_spec("smoke")
+    assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
+    assert all(s["status"] == "done" for s in manifest["settings"])
+    from ray.tune.search.optuna import OptunaSearch
+
+    for setting in manifest["settings"]:
+        trials = read_trials(path, setting["name"], setting["failures"])
+        assert len(trials) == spec.budget.trials
+        epochs = sorted(len(t.history) for t in trials)
+        assert (
+            epochs[-1] == spec.budget.epochs and epochs[0] < spec.budget.epochs
+        )  # ASHA stopped some
+        # The paper's shipped config ran, and no sampled `a` lies below AMSE's bound.
+        assert any(t.config == {"alpha": 1.0, "beta": 1.0, "a": 30.0} for t in trials)
+        assert all(t.config["a"] >= setting["a_min"] for t in trials)
+        # Optuna saw ASHA's early stops as pruned trials, not as finished ones.
+        searcher = OptunaSearch()
+        searcher.restore_from_dir(str(path / setting["name"]))
+        states = [t.state.name for t in searcher._ot_study.trials]
+        stopped = sum(1 for n in epochs if n < spec.budget.epochs)
+        assert (
+            states.count("PRUNED") == stopped and states.count("COMPLETE") == len(trials) - stopped
+        )
+    out = capsys.readouterr().out
+    assert "best config per noise setting" in out
+    best = search.best_trials(path)
+    assert [b.setting for b in best] == ["symmetric-0.4", "asymmetric-0.2"]
+
+
+def test_a_second_run_of_the_same_experiment_is_refused(local_ray, tmp_path, capsys):
+    from jal_search.cli import main
+
+    spec = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
+    spec.update(
+        noise={"symmetric": [0.4]}, budget={"trials": 1, "epochs": 1}, scheduler={"type": "none"}
+    )
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "s.yaml"), "--storage-path", str(tmp_path / "r")]) == 0
+    assert main(["run", str(tmp_path / "s.yaml"), "--storage-path", str(tmp_path / "r")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def finished(path: Path, epochs: int) -> dict[str, list[str]]:
+    """Trials whose result.json reached the last epoch, with their lines."""
+    done = {}
+    for result in path.glob("*/*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("training_iteration") == epochs:
+            done[result.parent.name] = lines
+    return done
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(tmp_path):
+    # The fault: the driver (and its private Ray) is SIGKILLed mid-search. The promise: `resume`
+    # completes the budget, and trials finished before the kill are kept, not rerun.
+    spec = {
+        "name": "killed", "dataset": "digits", "loss": "jal_ce", "noise": {"symmetric": [0.4]},
+        "space": {"alpha": {"loguniform": [0.3, 100]}, "beta": {"loguniform": [0.03, 10]}},
+        "budget": {"trials": 6, "epochs": 6}, "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2, "storage_path": str(tmp_path / "runs"),
+    }  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    cli = [sys.executable, "-m", "jal_search.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([*cli, "run", str(tmp_path / "spec.yaml"), "--num-cpus", "2"],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    experiment = tmp_path / "runs" / "killed"
+    deadline = time.monotonic() + 240
+    while len(finished(experiment, 6)) < 2:
+        assert driver.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = finished(experiment, 6)
+    assert 2 <= len(before) < 6
+
+    out = subprocess.run([*cli, "resume", str(experiment), "--num-cpus", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = finished(experiment, 6)
+    assert len(after) == 6  # the whole budget, no more
+    for trial_id, lines in before.items():
+        assert after[trial_id] == lines  # untouched: not rerun
+    assert read_manifest(experiment)["settings"][0]["status"] == "done"
+    assert "best config per noise setting" in out.stdout
