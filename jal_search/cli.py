@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(verbs)
     _add_spaces(verbs)
     _add_validate(verbs)
+    _add_results(verbs)
+    _add_export(verbs)
+    _add_evaluate(verbs)
+    _add_compare(verbs)
+    _add_report(verbs)
+    _add_sync(verbs)
     _add_train(verbs)
     _add_list(verbs)
     return parser
@@ -54,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join: auto, ray://host:10001, host:6379")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
+
+
+def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: sqlite:///<storage_path>/mlflow.db; clusters: http://…)",
+    )
 
 
 def _add_run(verbs: Any) -> None:
@@ -66,6 +79,7 @@ def _add_run(verbs: Any) -> None:
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--storage-path", help="where experiments live (default: the spec's)")
     _add_cluster_args(p)
+    _add_tracking_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -78,21 +92,146 @@ def _run(args: argparse.Namespace) -> int:
         address=args.address,
         num_cpus=args.num_cpus,
         storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri,
     )
     return 0
 
 
 def _add_resume(verbs: Any) -> None:
     p = verbs.add_parser("resume", help="finish an interrupted search")
-    p.add_argument("experiment", help="experiment folder (or its name under ./jal_results)")
+    _add_experiment_arg(p)
     _add_cluster_args(p)
+    _add_tracking_arg(p)
     p.set_defaults(func=_resume)
 
 
 def _resume(args: argparse.Namespace) -> int:
     from jal_search import search
 
-    search.resume(args.experiment, address=args.address, num_cpus=args.num_cpus)
+    search.resume(
+        args.experiment,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        tracking_uri=args.tracking_uri,
+    )
+    return 0
+
+
+def _add_experiment_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment folder (or its name under ./jal_results)")
+
+
+def _add_scope_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scope",
+        choices=("last", "best-epoch", "last-k-mean"),
+        default="last",
+        help="which epochs' val_acc select the best trial (default: last)",
+    )
+    p.add_argument("--last-k", type=int, default=3, help="k of last-k-mean (default 3)")
+
+
+# ---------------------------------------------------------------- results, export, evaluate, …
+def _add_results(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "results", help="write epochs/trials parquet tables; print the top configs"
+    )
+    _add_experiment_arg(p)
+    _add_scope_args(p)
+    p.add_argument("--top", type=int, default=5, help="configs shown per setting (default 5)")
+    p.set_defaults(func=_results)
+
+
+def _results(args: argparse.Namespace) -> int:
+    from jal_search import results
+
+    written = results.write_tables(args.experiment, scope=args.scope, last_k=args.last_k)
+    print(results.top_table(args.experiment, k=args.top, scope=args.scope, last_k=args.last_k))
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_export(verbs: Any) -> None:
+    p = verbs.add_parser("export", help="write the best config per noise setting (YAML/JSON)")
+    _add_experiment_arg(p)
+    p.add_argument("--out", required=True, help="best.yaml or best.json")
+    _add_scope_args(p)
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jal_search import results
+
+    path = results.export(args.experiment, args.out, scope=args.scope, last_k=args.last_k)
+    print(f"wrote {path}; rerun one with: jal-search train --config {path} --setting NAME")
+    return 0
+
+
+def _add_evaluate(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "evaluate", help="retrain each best config over seeds (Ray tasks); mean ± std table"
+    )
+    _add_experiment_arg(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--scope", choices=("last", "best-epoch", "last-k-mean"), default="last")
+    _add_cluster_args(p)
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jal_search import search
+
+    table = search.evaluate(
+        args.experiment,
+        seeds=args.seeds,
+        scope=args.scope,
+        address=args.address,
+        num_cpus=args.num_cpus,
+    )
+    print(table)
+    return 0
+
+
+def _add_compare(verbs: Any) -> None:
+    p = verbs.add_parser("compare", help="one table across searches: rows = losses")
+    p.add_argument("experiments", nargs="+", help="experiment folders or names")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from jal_search import results
+
+    print(results.compare(args.experiments))
+    return 0
+
+
+def _add_report(verbs: Any) -> None:
+    p = verbs.add_parser("report", help="PNG plots and a markdown summary of a search")
+    _add_experiment_arg(p)
+    _add_scope_args(p)
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from jal_search import report
+
+    for path in report.write_report(args.experiment, scope=args.scope, last_k=args.last_k):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_sync(verbs: Any) -> None:
+    p = verbs.add_parser("sync", help="bring MLflow up to date with an experiment (after outages)")
+    _add_experiment_arg(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=_sync)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from jal_search import search
+
+    print(search.sync(args.experiment, tracking_uri=args.tracking_uri))
     return 0
 
 
@@ -154,17 +293,56 @@ def _add_train(verbs: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
+    p.add_argument(
+        "--config", help="an exported config file (jal-search export); other flags ignored"
+    )
+    p.add_argument("--setting", help="the noise setting to take from --config")
     p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise UserError("train: --seeds must be at least 1")
+    base = _exported(args) if args.config else _from_flags(args)
+    from jal_search.train import run_trial
+
+    finals = []
+    for seed in range(base.seed, base.seed + args.seeds):
+        cfg = (
+            base.model_copy(update={"seed": seed, "noise_seed": seed})
+            if seed != base.seed
+            else base
+        )
+        if not args.json:
+            print(f"# {_describe(cfg)}", flush=True)
+        result = run_trial(cfg, report=_print_epoch(args.json, seed))
+        finals.append(result.history[-1]["test_acc"] if result.history else float("nan"))
+        if result.status != "completed":
+            print(f"# seed {seed}: {result.status}", file=sys.stderr)
+    if len(finals) > 1 and not args.json:
+        import statistics
+
+        print(
+            f"# final test_acc over {len(finals)} seeds: "
+            f"{100 * statistics.mean(finals):.2f} ± {100 * statistics.stdev(finals):.2f}"
+        )
+    return 0
+
+
+def _exported(args: argparse.Namespace) -> Any:
+    from jal_search.results import load_exported
+
+    return load_exported(args.config, args.setting)
+
+
+def _from_flags(args: argparse.Namespace) -> Any:
     from jal_search.config import trial_config
     from jal_search.noise import parse_noise_setting
 
     noise = parse_noise_setting(args.noise)
     params = {k: getattr(args, k) for k in ("alpha", "beta", "a", "q", "gamma")}
     params = {k: v for k, v in params.items() if v is not None} | _key_values(args.param)
-    base = trial_config(
+    return trial_config(
         {
             "dataset": args.dataset,
             "data_root": args.data_root,
@@ -185,27 +363,6 @@ def _train(args: argparse.Namespace) -> int:
         },
         where="train",
     ).resolve()
-    if args.seeds < 1:
-        raise UserError("train: --seeds must be at least 1")
-    from jal_search.train import run_trial
-
-    finals = []
-    for seed in range(base.seed, base.seed + args.seeds):
-        cfg = base.model_copy(update={"seed": seed, "noise_seed": seed})
-        if not args.json:
-            print(f"# {_describe(cfg)}", flush=True)
-        result = run_trial(cfg, report=_print_epoch(args.json, seed))
-        finals.append(result.history[-1]["test_acc"] if result.history else float("nan"))
-        if result.status != "completed":
-            print(f"# seed {seed}: {result.status}", file=sys.stderr)
-    if len(finals) > 1 and not args.json:
-        import statistics
-
-        print(
-            f"# final test_acc over {len(finals)} seeds: "
-            f"{100 * statistics.mean(finals):.2f} ± {100 * statistics.stdev(finals):.2f}"
-        )
-    return 0
 
 
 def _describe(cfg: Any) -> str:

@@ -9,26 +9,16 @@ the searcher's state (Optuna study, ASHA rungs) comes back with Tune's own resto
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jal_search import experiment as exp
+from jal_search import results
 from jal_search.errors import UserError
 from jal_search.spec import SearchSpec, SettingPlan, load_spec, parse_spec, plan
-
-
-@dataclass(frozen=True)
-class Best:
-    """The best trial of one setting: highest last-epoch val_acc among non-failed, non-diverged."""
-
-    setting: str
-    trial_id: str
-    params: dict[str, Any]
-    val_acc: float
-    test_acc: float
-    epochs: int
 
 
 def run(
@@ -38,10 +28,16 @@ def run(
     address: str | None = None,
     num_cpus: int | None = None,
     storage_path: str | None = None,
+    tracking_uri: str | None = None,
 ) -> Path:
-    """Start a new search from a spec; refuses to overwrite an existing experiment."""
+    """Start a new search from a spec; refuses to overwrite an existing experiment.
+
+    Every check (spec, cluster resources, storage and tracking on multi-node) runs before the
+    experiment folder is created, so a refused search leaves nothing behind.
+    """
     spec = load_spec(source)
-    updates = {k: v for k, v in {"name": name, "storage_path": storage_path}.items() if v}
+    updates = {"name": name, "storage_path": storage_path, "tracking_uri": tracking_uri}
+    updates = {k: v for k, v in updates.items() if v}
     if updates:
         spec = parse_spec({**spec.model_dump(), **updates}, where="spec")
     path = exp.experiment_dir(spec.storage_path, spec.name)
@@ -51,97 +47,164 @@ def run(
             f"`jal-search resume {path}` or start another with --name NEW"
         )
     plans = plan(spec)
-    with exp.locked(path):
-        manifest = {
-            "name": spec.name,
-            "spec_source": str(source),
-            "spec": spec.model_dump(mode="json"),
-            "settings": [
-                {
-                    "name": p.name,
-                    "type": p.setting.type,
-                    "rate": p.setting.rate,
-                    "a_min": None if p.a_min is None or math.isinf(p.a_min) else p.a_min,
-                    "amse_bound": spec.amse_bound if p.a_min is not None else None,
-                    "status": "pending",
-                    "failures": {},
-                }
-                for p in plans
-            ],
-            **exp.provenance(),
-        }
+    with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
+        manifest = new_manifest(spec, plans, str(source))
         exp.write_json_atomic(path / exp.MANIFEST, manifest)
         print(f"experiment {spec.name}: {path}", flush=True)
-        _drive(spec, plans, path, address, num_cpus)
+        _drive(spec, plans, path, tracker)
     return path
 
 
-def resume(ref: str, *, address: str | None = None, num_cpus: int | None = None) -> Path:
+def new_manifest(spec: SearchSpec, plans: list[SettingPlan], source: str) -> dict[str, Any]:
+    """The manifest of a new experiment: every setting pending, no failures yet."""
+    return {
+        "name": spec.name,
+        "spec_source": source,
+        "spec": spec.model_dump(mode="json"),
+        "settings": [
+            {
+                "name": p.name,
+                "type": p.setting.type,
+                "rate": p.setting.rate,
+                "a_min": None if p.a_min is None or math.isinf(p.a_min) else p.a_min,
+                "amse_bound": spec.amse_bound if p.a_min is not None else None,
+                "status": "pending",
+                "failures": {},
+            }
+            for p in plans
+        ],
+        **exp.provenance(),
+    }
+
+
+def resume(
+    ref: str,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
     """Finish an interrupted search: unfinished settings continue where they stopped."""
     path = exp.find_experiment(ref)
     manifest = exp.read_manifest(path)
-    spec = parse_spec(manifest["spec"], where="experiment.json")
-    with exp.locked(path):
-        _drive(spec, plan(spec), path, address, num_cpus)
+    raw = manifest["spec"] | ({"tracking_uri": tracking_uri} if tracking_uri else {})
+    spec = parse_spec(raw, where="experiment.json")
+    with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
+        _drive(spec, plan(spec), path, tracker)
     return path
 
 
-def _drive(
-    spec: SearchSpec,
-    plans: list[SettingPlan],
-    path: Path,
-    address: str | None,
-    num_cpus: int | None,
-) -> None:
+def sync(ref: str, tracking_uri: str | None = None) -> str:
+    """Bring MLflow up to date with the experiment on disk (after an outage, or anytime)."""
+    from jal_search import tracking
+
+    path = exp.find_experiment(ref)
+    manifest = exp.read_manifest(path)
+    uri = (
+        tracking_uri or manifest["spec"].get("tracking_uri") or tracking.default_tracking_uri(path)
+    )
+    with exp.locked(path):
+        return str(tracking.Tracker(uri, manifest["name"]).sync(path))
+
+
+def evaluate(
+    ref: str,
+    *,
+    seeds: int = 3,
+    scope: str = "last",
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> str:
+    """Retrain each setting's best config at full budget over `seeds` seeds; write final tables.
+
+    Seeds are the spec's seed, seed+1, …; each seed also draws its own noisy labels (as upstream,
+    which builds the data after seeding). Returns the markdown table (mean ± std of test_acc).
+    """
     from jal_search import tune_adapter
+
+    if seeds < 1:
+        raise UserError(f"--seeds: must be at least 1, got {seeds}")
+    path = exp.find_experiment(ref)
+    ex = results.with_trials(path)
+    chosen = results.best(ex, scope=scope)
+    if not chosen:
+        raise UserError(f"experiment {path}: no eligible trial to evaluate (all failed/diverged)")
+    plans = {s.name: s.plan for s in ex.settings}
+    jobs = []
+    for name, best in chosen.items():
+        config = plans[name].trial(best.params).resolve()
+        for seed in range(config.seed, config.seed + seeds):
+            jobs.append((name, config.model_copy(update={"seed": seed, "noise_seed": seed})))
+    cluster = tune_adapter.connect(address, num_cpus)
+    try:
+        r = ex.spec.resources
+        print(f"evaluating {len(chosen)} settings × {seeds} seeds as {len(jobs)} Ray tasks")
+        outcomes = tune_adapter.run_trainings(
+            [c for _, c in jobs], r.cpus_per_trial, r.gpus_per_trial
+        )
+    finally:
+        tune_adapter.disconnect(cluster)
+    rows = [
+        {
+            "setting": name,
+            "loss": config.loss,
+            "seed": config.seed,
+            "test_acc": out.get("test_acc"),
+            "val_acc": out.get("val_acc"),
+            "status": out["status"],
+        }
+        for (name, config), out in zip(jobs, outcomes, strict=True)
+    ]
+    with exp.locked(path):
+        results.write_final(ex, rows)
+    return results.markdown_final(ex)
+
+
+@contextlib.contextmanager
+def _session(
+    spec: SearchSpec, path: Path, address: str | None, num_cpus: int | None
+) -> Iterator[Any]:
+    """Ray connected and checked, and an MLflow tracker, for the length of a search."""
+    from jal_search import tracking, tune_adapter
 
     cluster = tune_adapter.connect(address, num_cpus)
     try:
         tune_adapter.check_resources(spec, cluster)
-        done = {s["name"] for s in exp.read_manifest(path)["settings"] if s["status"] == "done"}
-        for p in plans:
-            if p.name in done:
-                continue
-            print(f"\n=== noise setting {p.name} ===", flush=True)
-            exp.update_setting(path, p.name, status="running")
-            results = tune_adapter.run_setting(spec, p, str(path), resume=True)
-            failures = {r["trial_id"]: r["error"] for r in results if r.get("error")}
-            exp.update_setting(path, p.name, status="done", failures=failures)
+        uri = spec.tracking_uri or tracking.default_tracking_uri(path)
+        tracking.check_multi_node(uri, cluster.nodes)
+        yield tracking.Tracker(uri, spec.name)
     finally:
         tune_adapter.disconnect(cluster)
+
+
+def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any) -> None:
+    from jal_search import tune_adapter
+
+    tracker.start(exp.read_manifest(path))
+    done = {s["name"] for s in exp.read_manifest(path)["settings"] if s["status"] == "done"}
+    for p in plans:
+        if p.name in done:
+            continue
+        print(f"\n=== noise setting {p.name} ===", flush=True)
+        exp.update_setting(path, p.name, status="running")
+        outcomes = tune_adapter.run_setting(spec, p, str(path), tracker=tracker, resume=True)
+        failures = {o["trial_id"]: o["error"] for o in outcomes if o["error"]}
+        exp.update_setting(path, p.name, status="done", failures=failures)
+        _sync_quietly(tracker, path)
     print(summary_table(path))
 
 
-def best_trials(path: Path) -> list[Best]:
-    """The best trial per finished setting, by last-epoch validation accuracy."""
-    manifest = exp.read_manifest(path)
-    max_epochs = manifest["spec"]["budget"]["epochs"]
-    best = []
-    for setting in manifest["settings"]:
-        records = exp.read_trials(path, setting["name"], setting.get("failures", {}))
-        done = setting["status"] == "done"
-        candidates = [
-            r
-            for r in records
-            if r.history
-            and r.status(max_epochs, done) not in ("failed", "diverged")
-            and math.isfinite(r.history[-1].get("val_acc", math.nan))
-        ]
-        if not candidates:
-            continue
-        top = max(candidates, key=lambda r: r.history[-1]["val_acc"])
-        last = top.history[-1]
-        best.append(
-            Best(
-                setting["name"],
-                top.trial_id,
-                top.config,
-                last["val_acc"],
-                last["test_acc"],
-                int(last["training_iteration"]),
-            )
-        )
-    return best
+def _sync_quietly(tracker: Any, path: Path) -> None:
+    """Sync MLflow after a setting; an outage only delays it (`jal-search sync` finishes it)."""
+    try:
+        tracker.sync(path)
+    except UserError as err:
+        print(f"warning: MLflow not updated ({err}); run `jal-search sync {path}` later")
+
+
+def best_trials(path: Path) -> list[results.Selection]:
+    """The best trial per setting: `results.select_best` with scope `last` (its rules apply)."""
+    return list(results.best(path, scope="last").values())
 
 
 def summary_table(path: Path) -> str:

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from jal_search.config import TrialConfig
 from jal_search.errors import UserError
+from jal_search.experiment import TrialRecord
 from jal_search.spec import Param, SearchSpec, SettingPlan
 from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
 
@@ -32,8 +35,15 @@ METRIC, MODE = "val_acc", "max"
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-# Checkpointing every epoch is deliberate (nothing is lost); Tune's warning about it is noise.
-DRIVER_ENV = {**TRIAL_ENV, "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+DRIVER_ENV = {
+    **TRIAL_ENV,
+    # Snapshot the experiment state on every controller step, not every ~10 s: a driver killed
+    # between snapshots forgets the trials it started or finished since the last one, and resume
+    # would sample (and run) replacements. A snapshot of a few dozen trials costs milliseconds.
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    # Checkpointing every epoch is deliberate (nothing is lost); Tune's warning about it is noise.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
 
     A private Ray (`address="local"`) never attaches to a stale cluster left by a killed run.
     """
-    os.environ.update(DRIVER_ENV)
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": TRIAL_ENV}, "log_to_driver": True}
         if address:
-            ray.init(address=address, **kwargs)
+            with _keep_loopback(address):
+                ray.init(address=address, **kwargs)
         else:
             ray.init(
                 address="local",
@@ -66,6 +78,28 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
     resources = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return Cluster(nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0), started)
+
+
+@contextlib.contextmanager
+def _keep_loopback(address: str) -> Iterator[None]:
+    """Connect to a loopback address as given.
+
+    Ray rewrites 127.0.0.1/localhost to the machine's external IP before connecting, where a
+    cluster started with `--node-ip-address 127.0.0.1` does not listen, so the connection hangs.
+    Ray skips that rewrite when its multi-node switch is off; we turn it off for this call only.
+    """
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def disconnect(cluster: Cluster) -> None:
@@ -98,7 +132,7 @@ def run_setting(
     spec: SearchSpec,
     plan: SettingPlan,
     experiment_dir: str,
-    callbacks: Sequence[Any] = (),
+    tracker: Any = None,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run or resume one noise setting's Tune experiment.
@@ -137,7 +171,7 @@ def run_setting(
                 storage_path=experiment_dir,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                callbacks=list(callbacks),
+                callbacks=[_Tracking(tracker, plan.name, spec.budget.epochs)] if tracker else [],
                 verbose=1,
             ),
         )
@@ -150,6 +184,31 @@ def run_setting(
         }
         for r in grid
     ]
+
+
+class _Tracking(tune.Callback):
+    """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow).
+
+    The tracker never raises (an MLflow outage only leaves it behind, and `sync` catches up from
+    the Tune files). Restored trials' callbacks are not re-attached by Tune: the driver passes
+    a fresh one on every run and resume, so this holds no state of its own.
+    """
+
+    def __init__(self, tracker: Any, setting: str, max_epochs: int) -> None:
+        self.tracker, self.setting, self.max_epochs = tracker, setting, max_epochs
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
+        self.tracker.on_result(self.setting, trial.trial_id, trial.config, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        record = TrialRecord(self.setting, trial.trial_id, {}, [last] if last else [])
+        self.tracker.on_trial_end(
+            self.setting, trial.trial_id, record.status(self.max_epochs, True)
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.on_trial_end(self.setting, trial.trial_id, "failed")
 
 
 def _param_space(spec: SearchSpec, plan: SettingPlan) -> dict[str, Any]:
@@ -235,3 +294,19 @@ def _trainable(params: dict[str, Any], plan: SettingPlan) -> None:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
     run_trial(config, report=report, resume=resume)
+
+
+def run_trainings(configs: Sequence[TrialConfig], cpus: float, gpus: float) -> list[dict[str, Any]]:
+    """Train each config to its full budget as a Ray task, in parallel across the cluster.
+
+    Returns per config its status and last-epoch metrics. A task lost with its node is retried
+    (from scratch: these are short final runs without a scheduler to resume them).
+    """
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_train_to_the_end)
+    return ray.get([task.remote(c) for c in configs])
+
+
+def _train_to_the_end(config: TrialConfig) -> dict[str, Any]:
+    result = run_trial(config)
+    last = result.history[-1] if result.history else {}
+    return {"status": result.status, **last}
