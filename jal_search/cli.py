@@ -15,6 +15,7 @@ from typing import Any
 from jal_search.errors import UserError
 
 EXIT_USER_ERROR = 2
+DOWNLOAD_HELP = "fetch a torchvision dataset into --data-root first (needs internet)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"jal-search: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("jal-search: interrupted", file=sys.stderr)
         return 130
@@ -78,6 +82,8 @@ def _add_run(verbs: Any) -> None:
     p.add_argument("spec", nargs="?", default="quick", help="spec file or name (default: quick)")
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--storage-path", help="where experiments live (default: the spec's)")
+    p.add_argument("--data-root", help="dataset folder (default: the spec's data_root)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     _add_cluster_args(p)
     _add_tracking_arg(p)
     p.set_defaults(func=_run)
@@ -93,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         storage_path=args.storage_path,
         tracking_uri=args.tracking_uri,
+        data_root=args.data_root,
+        download=args.download,
     )
     return 0
 
@@ -274,6 +282,7 @@ def _add_train(verbs: Any) -> None:
     )
     p.add_argument("--dataset", default="mnist", help="dataset name (default: mnist, embedded)")
     p.add_argument("--data-root", help="folder holding the dataset (see README: Datasets)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--subset", type=int, help="train on this many training images (seeded subset)")
     p.add_argument("--noise", default="clean", help="TYPE:RATE, e.g. symmetric:0.6, human:worst")
     p.add_argument("--noise-file", help="label file for dependent or human noise")
@@ -304,6 +313,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError("train: --seeds must be at least 1")
     base = _exported(args) if args.config else _from_flags(args)
+    if args.download:
+        from jal_search.data import load_dataset
+
+        load_dataset(base.dataset, base.data_root, download=True)
     from jal_search.train import run_trial
 
     finals = []

@@ -29,14 +29,20 @@ def run(
     num_cpus: int | None = None,
     storage_path: str | None = None,
     tracking_uri: str | None = None,
+    data_root: str | None = None,
+    download: bool = False,
 ) -> Path:
     """Start a new search from a spec; refuses to overwrite an existing experiment.
 
-    Every check (spec, cluster resources, storage and tracking on multi-node) runs before the
-    experiment folder is created, so a refused search leaves nothing behind.
+    Every check (spec, data and noise files, cluster resources, storage and tracking on
+    multi-node) runs before the experiment folder is created, so a refused search leaves nothing
+    behind. The data check runs on this machine only when Ray is local (on a cluster the data
+    lives on the workers).
     """
     spec = load_spec(source)
     updates = {"name": name, "storage_path": storage_path, "tracking_uri": tracking_uri}
+    if data_root:
+        updates["data_root"] = str(Path(data_root).expanduser().resolve())
     updates = {k: v for k, v in updates.items() if v}
     if updates:
         spec = parse_spec({**spec.model_dump(), **updates}, where="spec")
@@ -47,6 +53,12 @@ def run(
             f"`jal-search resume {path}` or start another with --name NEW"
         )
     plans = plan(spec)
+    if download:
+        from jal_search.data import load_dataset
+
+        load_dataset(spec.dataset, spec.data_root, download=True)
+    if address is None:
+        _check_data(plans)
     with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
         manifest = new_manifest(spec, plans, str(source))
         exp.write_json_atomic(path / exp.MANIFEST, manifest)
@@ -158,6 +170,18 @@ def evaluate(
     with exp.locked(path):
         results.write_final(ex, rows)
     return results.markdown_final(ex)
+
+
+def _check_data(plans: list[SettingPlan]) -> None:
+    """Load the dataset and build each setting's noisy labels once, before anything is written.
+
+    A missing folder or a bad label file is then a one-line error here rather than every trial
+    failing inside Ray.
+    """
+    from jal_search.train import prepare_data
+
+    for p in plans:
+        prepare_data(p.base.resolve())
 
 
 @contextlib.contextmanager

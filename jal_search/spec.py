@@ -6,7 +6,8 @@ noise setting: the space actually searched (with AMSE's lower bound on `a` appli
 shipped config to evaluate first, and the base trial config every trial starts from.
 
 AMSE's bound (SPEC §2.4): for the losses built on AMSE (`nceandamse`, `nflandamse`, `amse`) and a
-noise setting with a closed-form bound (clean, symmetric, asymmetric), `a` below `amse_a_min` is
+noise setting with a closed-form bound (clean, symmetric, asymmetric — on datasets whose own
+labels are clean), `a` below `amse_a_min` is
 removed from the space (`amse_bound: exclude`, the default) or kept and flagged in the results
 (`amse_bound: flag`). Other noise types have no closed-form bound and are searched as given.
 """
@@ -29,6 +30,8 @@ from jal_search.profiles import get_profile, shipped_loss_params
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 AMSE_LOSSES = ("nceandamse", "nflandamse", "amse")
 CLOSED_FORM_BOUND = ("clean", "symmetric", "asymmetric")
+# Datasets whose shipped labels already carry unknown real-world noise: no closed-form bound.
+REAL_NOISE_DATASETS = ("webvision", "clothing1m", "imagefolder")
 TRAINING_KNOBS = ("lr", "l1", "l2", "batch_size")  # TrialConfig fields a space may search
 
 
@@ -193,15 +196,7 @@ class SettingPlan(_Strict):
 def load_spec(source: str | Path) -> SearchSpec:
     """Read a spec from a YAML path or a shipped spec's name (`quick`, `smoke`, …)."""
     path = resolve_spec_path(source)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}; check indentation and colons") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a spec must be a YAML mapping of keys (name, dataset, loss, …)")
-    spec = parse_spec(raw, where=path.name)
+    spec = parse_spec(read_raw_spec(path), where=path.name)
 
     # Relative data paths are relative to the spec file, and absolute from here on: trials run
     # in other processes and on other nodes.
@@ -214,6 +209,48 @@ def load_spec(source: str | Path) -> SearchSpec:
             "noise_files": {k: absolute(v) for k, v in spec.noise_files.items()},
         }
     )
+
+
+REPLACED_WHOLE = ("space", "noise", "noise_files")  # a child's value replaces the base's
+
+
+def read_raw_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec file's mapping with its `extends:` chain merged in.
+
+    `extends: NAME` (a shipped spec or a path relative to this file) starts from that spec;
+    mappings merge key by key, except `space`, `noise` and `noise_files`, which a child replaces
+    whole (a child's search space is never a mix of two spaces by accident).
+    """
+    if path in seen:
+        raise UserError(f"{path}: `extends` forms a cycle ({' -> '.join(p.name for p in seen)})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; check indentation and colons") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a spec must be a YAML mapping of keys (name, dataset, loss, …)")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    relative = path.parent / f"{parent}"
+    base_path = relative if relative.is_file() else resolve_spec_path(parent)
+    return _merge(read_raw_spec(base_path.resolve(), (*seen, path)), raw)
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        if (
+            isinstance(value, dict)
+            and isinstance(base.get(key), dict)
+            and key not in REPLACED_WHOLE
+        ):
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_spec(raw: dict[str, Any], where: str = "spec") -> SearchSpec:
@@ -239,7 +276,8 @@ def resolve_spec_path(source: str | Path) -> Path:
 
 
 def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    """Runnable shipped specs; files starting with `_` are bases that others extend."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def noise_settings(spec: SearchSpec) -> list[NoiseSetting]:
@@ -305,7 +343,8 @@ def plan(spec: SearchSpec) -> list[SettingPlan]:
         num_classes = _num_classes(spec.dataset)
         a_min = None
         space = {k: p for k, p in spec.space.items() if p.fixed is None}
-        if loss in AMSE_LOSSES and setting.type in CLOSED_FORM_BOUND:
+        known_noise = spec.dataset not in REAL_NOISE_DATASETS
+        if loss in AMSE_LOSSES and setting.type in CLOSED_FORM_BOUND and known_noise:
             rate = 0.0 if setting.type == "clean" else float(setting.rate)
             a_min = amse_a_min(setting.type, rate, num_classes)
             if spec.amse_bound == "exclude":
@@ -320,10 +359,11 @@ def plan(spec: SearchSpec) -> list[SettingPlan]:
             },
             where="spec",
         )
-        base.resolve()  # fails early on bad training overrides
+        resolved = base.resolve()  # fails early on bad training overrides
+        paper = {**shipped, **{k: getattr(resolved, k) for k in TRAINING_KNOBS}}
         points = []
         if spec.paper_configs_first and space:
-            point = {k: shipped.get(k) for k in space}
+            point = {k: paper.get(k) for k in space}
             if all(v is not None and space[k].contains(v) for k, v in point.items()):
                 points.append(point)
         plans.append(

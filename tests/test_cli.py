@@ -65,3 +65,30 @@ def test_help_and_spaces_do_not_import_ray_or_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("[]")
     assert "quick" in out.stdout
+
+
+def test_an_exported_config_reruns_unchanged(tmp_path):
+    # `export` → `train --config` reproduces the exported trial: same config, same metrics.
+    from fabricate import FakeTrial, fabricate
+
+    from jal_search.results import export, load_exported
+    from jal_search.train import run_trial
+
+    path = fabricate(
+        tmp_path,
+        {"symmetric-0.4": [FakeTrial("t1", {"alpha": 2.0, "beta": 0.5, "a": 12.0}, [0.5, 0.6])]},
+    )
+    out = export(path, tmp_path / "best.yaml")
+    config = load_exported(out, "symmetric-0.4")
+    assert config.loss_params["alpha"] == 2.0 and config.loss_params["a"] == 12.0
+    short = config.model_copy(update={"epochs": 2})
+    expected = run_trial(short).history
+    (tmp_path / "short.yaml").write_text(
+        out.read_text().replace(f"epochs: {config.epochs}\n", "epochs: 2\n")
+    )
+    printed = jal(
+        "train", "--config", str(tmp_path / "short.yaml"), "--setting", "symmetric-0.4", "--json"
+    )
+    assert printed.returncode == 0, printed.stderr
+    rows = [json.loads(line) for line in printed.stdout.splitlines()]
+    assert [r["test_acc"] for r in rows] == [m["test_acc"] for m in expected]

@@ -113,3 +113,40 @@ def test_the_real_process_exits_2_without_a_traceback(tmp_path):
     )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "unknown loss 'nope'" in out.stderr
+
+
+def test_extends_merges_mappings_and_replaces_the_space(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({**GOOD, "budget": {"trials": 5, "epochs": 3}})
+    )
+    space = {"q": {"uniform": [0.1, 1]}}
+    child = {
+        "extends": "base.yaml",
+        "name": "child",
+        "loss": "gce",
+        "space": space,
+        "budget": {"trials": 2},
+    }
+    spec = load_spec(write(tmp_path, child))
+    assert (spec.name, spec.loss, spec.dataset) == ("child", "gce", "digits")
+    assert (spec.budget.trials, spec.budget.epochs) == (2, 3)  # merged key by key
+    assert set(spec.space) == {"q"}  # replaced whole: no alpha/a left over from the base
+    assert load_spec("cifar10_jal_fl").loss == "jal_fl"  # a shipped chain of two
+
+
+def test_extends_cycles_and_missing_bases_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    assert main(["validate", str(tmp_path / "a.yaml")]) == 2
+    assert "`extends` forms a cycle" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    assert main(["validate", str(tmp_path / "c.yaml")]) == 2
+    assert "spec 'nowhere': no such file" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_folder_stops_the_run_before_anything_is_written(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ["run", "cifar10_jal_ce", "--storage-path", str(runs), "--data-root", str(tmp_path)]
+    assert main(argv) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+    assert not runs.exists()
