@@ -198,6 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
     )
     print(table)
+    _publish(args.experiment)
     return 0
 
 
@@ -226,7 +227,19 @@ def _report(args: argparse.Namespace) -> int:
 
     for path in report.write_report(args.experiment, scope=args.scope, last_k=args.last_k):
         print(f"wrote {path}")
+    _publish(args.experiment)
     return 0
+
+
+def _publish(experiment: str) -> None:
+    """Log the results folder to MLflow's parent runs; an outage only postpones it."""
+    from jal_search import search
+
+    try:
+        search.sync(experiment)
+        print("logged results to MLflow")
+    except UserError as err:
+        print(f"warning: results not logged to MLflow ({err})", file=sys.stderr)
 
 
 def _add_sync(verbs: Any) -> None:

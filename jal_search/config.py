@@ -104,5 +104,6 @@ def one_line(err: ValidationError, where: str) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in (where, *first["loc"]) if p != "")
     got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    secret = "uri" in str(first["loc"][-1]) if first["loc"] else False  # may hold credentials
+    shown = "" if isinstance(got, dict) or secret else f" (got {got!r})"
     return f"{field}: {first['msg']}{shown}"

@@ -159,6 +159,16 @@ class SearchSpec(_Strict):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "credentials in the URI would be stored with the experiment; give the URI "
+                "without them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            )
+        return value
+
     @model_validator(mode="after")
     def _scheduler_fits_budget(self) -> SearchSpec:
         if self.scheduler.type == "asha" and self.scheduler.grace_period > self.budget.epochs:

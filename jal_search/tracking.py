@@ -17,8 +17,10 @@ them all after a restart; the first created wins should duplicates ever exist.
 Parents hold the spec (flattened params with dotted keys, and `spec.yaml`), the AMSE bound used
 (`jal.a_min`, `jal.amse_bound`) and, once the setting is done, its best trial by last-epoch
 val_acc (`search.best_trials`): params `best.<name>`, metrics `best_val_acc`, `best_test_acc`,
-`best_epochs`, tag `jal.best_trial`. Children hold the sampled params, per-epoch METRICS, and tags
-for seed, noise, realised noise rate, label hash, validation-label mode, git SHA and versions.
+`best_epochs`, tag `jal.best_trial`; and the files under `<experiment>/results/` (tables, plots,
+the multi-seed table) as artifacts under `results/`. Children hold the sampled params, per-epoch
+METRICS, and tags for seed, noise, realised noise rate, label hash, validation-label mode, git
+SHA and versions.
 
 Status mapping (the exact status is always in the `jal.status` tag):
 completed → FINISHED; stopped (by ASHA, a normal early end) → KILLED, so the UI tells it apart
@@ -241,9 +243,16 @@ class Tracker:
                         status = record.status(max_epochs, done)
                         final = None if status == "running" else status
                         self._trial(
-                            name, record.trial_id, record.config, record.history, final, report
+                            name,
+                            record.trial_id,
+                            record.config,
+                            record.history,
+                            final,
+                            report,
+                            failure=record.error,
                         )
                 self._flush(report)  # results the live path saw that are not on disk yet
+                self._publish_results(path / "results")
         except (MlflowException, OSError) as err:
             self.behind = True
             self._forget()
@@ -254,6 +263,13 @@ class Tracker:
         self.behind, self._warned, self._retry_at = False, False, 0.0
         self._record_run_ids(path)
         return report
+
+    def _publish_results(self, folder: Path) -> None:
+        """Attach the search's tables, plots and summary (`jal-search results/report/evaluate`)
+        to every parent, so each setting's view in the UI is complete; re-logging overwrites."""
+        if folder.is_dir() and any(folder.iterdir()):
+            for run in self._parents.values():
+                self.client.log_artifacts(run.run_id, str(folder), "results")
 
     def _record_run_ids(self, path: Path) -> None:
         runs: dict[str, dict[str, str]] = {}
@@ -402,12 +418,18 @@ class Tracker:
         results: list[dict[str, Any]],
         status: str | None,
         report: SyncReport,
+        failure: str | None = None,
     ) -> None:
-        """Create or complete one child run: tags, missing params, missing steps, final status."""
+        """Create or complete one child run: tags, missing params, missing steps, final status.
+
+        `failure` is why a failed trial failed (the manifest's reason), kept as `jal.failure`.
+        """
         parent = self._parent(setting, report)
         tags = self._child_tags(setting, trial_id, parent.run_id, results[0] if results else {})
         if status is not None:
             tags["jal.status"] = status
+        if failure:
+            tags["jal.failure"] = _clip(failure, MAX_TAG_LENGTH)
         key = f"{setting}/{trial_id}"
         run = self._children.get(key)
         if run is None:

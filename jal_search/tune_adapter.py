@@ -179,11 +179,22 @@ def run_setting(
     return [
         {
             "trial_id": Path(r.path).name,  # trial folders are named by trial id
-            "error": f"{type(r.error).__name__}: {r.error}".splitlines()[0] if r.error else None,
+            "error": failure_reason(r.error) if r.error else None,
             "last": r.metrics or {},
         }
         for r in grid
     ]
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a trial failed: the trial's own exception, not Ray's wrapper.
+
+    Tune hands back a `RayTaskError` whose text is a colored worker banner (pid, ip, actor id);
+    the exception the trial raised is its `cause`.
+    """
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 class _Tracking(tune.Callback):

@@ -16,8 +16,14 @@ from jal_search.experiment import read_manifest, read_trials
 from jal_search.spec import SPACES_DIR, load_spec
 
 
-def test_smoke_search_end_to_end(local_ray, tmp_path, capsys):
-    path = search.run("smoke", storage_path=str(tmp_path))
+@pytest.fixture(scope="module")
+def smoke(local_ray, tmp_path_factory):
+    """The shipped smoke search, run once for the tests that read its results."""
+    return search.run("smoke", storage_path=str(tmp_path_factory.mktemp("smoke")))
+
+
+def test_smoke_search_end_to_end(smoke):
+    path = smoke
     manifest = read_manifest(path)
     spec = load_spec("smoke")
     assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
@@ -42,10 +48,55 @@ def test_smoke_search_end_to_end(local_ray, tmp_path, capsys):
         assert (
             states.count("PRUNED") == stopped and states.count("COMPLETE") == len(trials) - stopped
         )
-    out = capsys.readouterr().out
-    assert "best config per noise setting" in out
     best = search.best_trials(path)
     assert [b.setting for b in best] == ["symmetric-0.4", "asymmetric-0.2"]
+    assert search.summary_table(path).startswith("best config per noise setting")
+
+
+def test_results_verbs_write_tables_plots_and_an_export(smoke, capsys):
+    import pyarrow.parquet as pq
+
+    from jal_search.cli import main
+
+    assert main(["results", str(smoke)]) == 0
+    trials = pq.read_table(smoke / "results" / "trials.parquet")
+    epochs = pq.read_table(smoke / "results" / "epochs.parquet")
+    assert trials.num_rows == 12  # 2 settings × 6 trials
+    on_disk = sum(len(p.read_text().splitlines()) for p in smoke.glob("*/*/result.json"))
+    assert epochs.num_rows == on_disk
+    assert main(["export", str(smoke), "--out", str(smoke / "best.yaml")]) == 0
+    assert yaml.safe_load((smoke / "best.yaml").read_text())["settings"].keys() == {
+        "symmetric-0.4",
+        "asymmetric-0.2",
+    }
+    assert main(["report", str(smoke)]) == 0
+    assert len(list((smoke / "results" / "plots").glob("*.png"))) >= 4
+    assert "logged results to MLflow" in capsys.readouterr().out
+    # Every parent run in MLflow now carries the tables and plots.
+    from mlflow import MlflowClient
+
+    from jal_search.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(smoke))
+    (experiment,) = client.search_experiments(filter_string="name = 'smoke'")
+    parents = client.search_runs([experiment.experiment_id], "tags.`jal.role` = 'setting'")
+    assert len(parents) == 2
+    for run in parents:
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "results")}
+        assert {"results/trials.parquet", "results/plots"} <= files
+
+
+def test_evaluate_reruns_each_best_config_over_seeds_as_ray_tasks(smoke, capsys):
+    import pyarrow.parquet as pq
+
+    table = search.evaluate(str(smoke), seeds=2)
+    final = pq.read_table(smoke / "results" / "final.parquet").to_pylist()
+    assert len(final) == 4  # 2 settings × 2 seeds
+    assert {(r["setting"], r["seed"]) for r in final} == {
+        (s, seed) for s in ("symmetric-0.4", "asymmetric-0.2") for seed in (123, 124)
+    }
+    assert all(r["status"] == "completed" and 0 < r["test_acc"] <= 1 for r in final)
+    assert "±" in table and "(n=2)" in table
 
 
 def test_a_second_run_of_the_same_experiment_is_refused(local_ray, tmp_path, capsys):

@@ -86,6 +86,7 @@ BAD = [
     ({**GOOD, "training": {"epochs": 3}}, "training.epochs: set this with the spec's own key"),
     ({**GOOD, "training": {"lr": -1}}, "spec.lr"),
     ({**GOOD, "val_fraction": 0}, "spec.yaml.val_fraction"),
+    ({**GOOD, "tracking_uri": "http://bob:pw@host:5000"}, "set MLFLOW_TRACKING_USERNAME"),
     ("name: [unclosed", "not valid YAML at line 1"),
     ("- just\n- a list\n", "a spec must be a YAML mapping"),
 ]

@@ -310,7 +310,11 @@ def test_no_secret_reaches_params_tags_or_artifacts(server, tmp_path, monkeypatc
     password, in_uri = secrets.token_hex(8), secrets.token_hex(8)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "jal")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    spec = {"name": "t-secret", "tracking_uri": f"http://jal:{in_uri}@mlflow.example:5000"}
+    # A URI with credentials is refused before it could be stored, without echoing them.
+    with pytest.raises(UserError) as refused:
+        fabricate(tmp_path / "x", TRIALS, spec={"tracking_uri": f"http://jal:{in_uri}@h:5000"})
+    assert in_uri not in str(refused.value)
+    spec = {"name": "t-secret", "tracking_uri": "http://mlflow.example:5000"}
     path = fabricate(tmp_path, TRIALS, spec=spec)
     Tracker(server.uri, "t-secret").sync(path)
 
@@ -322,7 +326,7 @@ def test_no_secret_reaches_params_tags_or_artifacts(server, tmp_path, monkeypatc
         for item in client.list_artifacts(run.info.run_id):
             local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path))
             texts.append(open(local).read())
-    assert "http://***@mlflow.example:5000" in texts  # the spec's URI, without its password
+    assert "http://mlflow.example:5000" in texts  # the spec's URI is logged
     assert not [t for t in texts if password in t or in_uri in t]
 
 
