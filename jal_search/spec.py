@@ -27,7 +27,7 @@ from jal_search.errors import UserError
 from jal_search.noise import NoiseSetting, parse_noise_setting
 from jal_search.profiles import get_profile, shipped_loss_params
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # shipped in the wheel
 AMSE_LOSSES = ("nceandamse", "nflandamse", "amse")
 CLOSED_FORM_BOUND = ("clean", "symmetric", "asymmetric")
 # Datasets whose shipped labels already carry unknown real-world noise: no closed-form bound.

@@ -57,7 +57,7 @@ def cluster():
 def test_local_storage_on_a_multi_node_cluster_is_refused(cluster, tmp_path, capsys):
     c, _ = cluster
     assert main(["run", str(spec_file(tmp_path)), "--address", c.address]) == 2
-    assert "use shared storage" in capsys.readouterr().err
+    assert "storage_shared: true" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "multi" / "experiment.json").exists()  # nothing half-written
 
 
