@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
@@ -35,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("jal-search: interrupted", file=sys.stderr)
+        hint = " (an interrupted search continues with `jal-search resume EXPERIMENT`)"
+        resumable = getattr(args, "verb", None) in ("run", "resume")
+        print(f"jal-search: interrupted{hint if resumable else ''}", file=sys.stderr)
         return 130
 
 

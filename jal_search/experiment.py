@@ -64,9 +64,25 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary file and a rename: readers never see a partial file.
+
+    A failed write (disk full, no permission) leaves the old file as it was: a UserError.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: {unwritable(err)}") from None
+
+
+def unwritable(err: OSError) -> str:
+    """The end of a one-line message for a file that could not be written."""
+    return (
+        f"cannot write it ({err.strerror or err}); free some space or fix permissions, "
+        "then run the command again"
+    )
 
 
 def update_setting(path: Path, setting: str, **fields: Any) -> None:
@@ -176,10 +192,27 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
                     row = json.loads(line)
                     row.pop("config", None)
                     history.append(row)
-        # After retries a trial re-reports epochs it already logged: keep the last of each epoch.
-        by_epoch = {int(r["training_iteration"]): r for r in history if "training_iteration" in r}
-        epochs = [by_epoch[k] for k in sorted(by_epoch)]
         records.append(
-            TrialRecord(setting, trial_dir.name, config, epochs, failures.get(trial_dir.name))
+            TrialRecord(
+                setting, trial_dir.name, config, _rewound(history), failures.get(trial_dir.name)
+            )
         )
     return records
+
+
+def _rewound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch of the run that produced the trial's final state.
+
+    A retried trial re-reports from where it resumed: a row for epoch e replaces every row from
+    epoch e on. Epochs are the trial's own `epoch` metric, set back into `training_iteration`:
+    Tune's counter keeps counting when a trial restarts from epoch 0 (its checkpoint was
+    unreadable), so it can exceed the epochs actually trained.
+    """
+    kept: list[dict[str, Any]] = []
+    for row in rows:
+        epoch = row.get("epoch", row.get("training_iteration"))
+        if epoch is None:
+            continue
+        kept = [r for r in kept if r["training_iteration"] < int(epoch)]
+        kept.append({**row, "training_iteration": int(epoch)})
+    return kept

@@ -332,12 +332,17 @@ def _finite(value: Any) -> bool:
 
 
 def atomic_write(target: Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` then move tmp over `target`: readers never see a partial file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Call `write(tmp)` then move tmp over `target`: readers never see a partial file.
+
+    A failed write (disk full, no permission) leaves `target` as it was: a UserError.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, target)
+    except OSError as err:
+        raise UserError(f"{target}: {exp.unwritable(err)}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return target

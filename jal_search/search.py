@@ -60,6 +60,8 @@ def run(
     if address is None:
         _check_data(plans)
     with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
+        if (path / exp.MANIFEST).exists():  # another driver created it while Ray started
+            raise UserError(f"experiment {spec.name!r} was just created at {path} by another run")
         manifest = new_manifest(spec, plans, str(source))
         exp.write_json_atomic(path / exp.MANIFEST, manifest)
         print(f"experiment {spec.name}: {path}", flush=True)
@@ -173,15 +175,15 @@ def evaluate(
 
 
 def _check_data(plans: list[SettingPlan]) -> None:
-    """Load the dataset and build each setting's noisy labels once, before anything is written.
+    """Build each setting's data, noisy labels, model and loss once, before anything is written.
 
-    A missing folder or a bad label file is then a one-line error here rather than every trial
-    failing inside Ray.
+    A missing folder, a bad label file or an unknown model is then a one-line error here rather
+    than every trial failing inside Ray.
     """
-    from jal_search.train import prepare_data
+    from jal_search.train import check_trial
 
     for p in plans:
-        prepare_data(p.base.resolve())
+        check_trial(p.base)
 
 
 @contextlib.contextmanager

@@ -132,6 +132,16 @@ def _prepare(
     )
 
 
+def check_trial(config: TrialConfig) -> None:
+    """Build what a trial would build (data, noisy labels, model, loss) without training:
+    a config that passes cannot fail at start-up for a reason the user could have fixed."""
+    cfg = config.resolve()
+    data = prepare_data(cfg)
+    channels, size = _image_shape(data.dataset)
+    build_model(cfg.model, data.dataset.num_classes, channels, size)
+    build_loss(cfg.loss, data.dataset.num_classes, **cfg.loss_params)
+
+
 def _normalised_features(ds: Any, index: np.ndarray) -> np.ndarray:
     """Flattened, normalised training images: the input of the instance-dependent noise model."""
     if not hasattr(ds, "train_images"):

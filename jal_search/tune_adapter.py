@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import os
+import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -32,6 +37,11 @@ from jal_search.spec import Param, SearchSpec, SettingPlan
 from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
 
 METRIC, MODE = "val_acc", "max"
+PROGRESS_METRICS = {"val_acc": "val_acc", "test_acc": "test_acc", "noisy_fit": "noisy_fit"}
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A setting stops (resumably) when less than this is free under the storage path: Tune rewrites
+# its state, result and params files in place, and a disk that fills completely truncates them.
+STORAGE_RESERVE = 64 << 20
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -41,6 +51,8 @@ DRIVER_ENV = {
     # between snapshots forgets the trials it started or finished since the last one, and resume
     # would sample (and run) replacements. A snapshot of a few dozen trials costs milliseconds.
     "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    # The classic reporter takes the columns we choose (the new one prints every metric).
+    "RAY_AIR_NEW_OUTPUT": "0",
     # Checkpointing every epoch is deliberate (nothing is lost); Tune's warning about it is noise.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
@@ -57,7 +69,8 @@ class Cluster:
 def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
     """Attach to `address` (`auto`, `ray://…`, host:port) or start a private local Ray.
 
-    A private Ray (`address="local"`) never attaches to a stale cluster left by a killed run.
+    A private Ray (`address="local"`) never attaches to a stale cluster left by a killed run, and
+    every port it opens (GCS, raylet, workers, agents) listens on 127.0.0.1 only.
     """
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
@@ -68,13 +81,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
             with _keep_loopback(address):
                 ray.init(address=address, **kwargs)
         else:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                **kwargs,
-            )
+            with _keep_loopback("127.0.0.1"):
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    **kwargs,
+                )
     resources = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return Cluster(nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0), started)
@@ -82,10 +96,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
 
 @contextlib.contextmanager
 def _keep_loopback(address: str) -> Iterator[None]:
-    """Connect to a loopback address as given.
+    """Connect to, or start a node on, a loopback address as given.
 
-    Ray rewrites 127.0.0.1/localhost to the machine's external IP before connecting, where a
-    cluster started with `--node-ip-address 127.0.0.1` does not listen, so the connection hangs.
+    Ray rewrites 127.0.0.1/localhost to the machine's external IP: a connection then hangs (a
+    cluster started with `--node-ip-address 127.0.0.1` does not listen there), and a private Ray
+    started with `_node_ip_address="127.0.0.1"` would bind its gRPC servers to every interface.
     Ray skips that rewrite when its multi-node switch is off; we turn it off for this call only.
     """
     host = address.rsplit(":", 1)[0].removeprefix("ray://")
@@ -123,8 +138,8 @@ def check_resources(spec: SearchSpec, cluster: Cluster) -> None:
     if cluster.nodes > 1 and "://" not in spec.storage_path and not spec.storage_shared:
         raise UserError(
             f"storage_path: {spec.storage_path!r} is local but the cluster has {cluster.nodes} "
-            "nodes, so checkpoints written on one node are invisible to the others; use shared "
-            "storage (s3://…, gs://…) or an NFS path with storage_shared: true"
+            "nodes, so checkpoints written on one node are invisible to the others; use an NFS "
+            "path that every node mounts, with storage_shared: true"
         )
 
 
@@ -138,7 +153,9 @@ def run_setting(
     """Run or resume one noise setting's Tune experiment.
 
     Returns one entry per trial: its id, its final error (None unless it finally failed) and its
-    last reported metrics.
+    last reported metrics. Raises KeyboardInterrupt when Tune stopped early on Ctrl-C (it saves
+    its state and returns normally), so the caller never mistakes a stopped setting for a
+    finished one; `resume` continues it.
     """
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, plan=plan),
@@ -171,11 +188,35 @@ def run_setting(
                 storage_path=experiment_dir,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                callbacks=[_Tracking(tracker, plan.name, spec.budget.epochs)] if tracker else [],
+                callbacks=[
+                    _StorageGuard(experiment_dir),
+                    _Tracking(plan.name, spec.budget.epochs),
+                ],
+                progress_reporter=tune.CLIReporter(
+                    parameter_columns=list(plan.space),
+                    metric_columns={"training_iteration": "epochs", **PROGRESS_METRICS},
+                    max_report_frequency=30,
+                    sort_by_metric=True,  # by TuneConfig's metric and mode
+                ),
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    _StorageGuard(experiment_dir).check()
+    _TRACKERS[plan.name] = tracker
+    try:
+        grid = tuner.fit()
+    except UserError:
+        raise
+    except Exception:
+        if _storage_full(experiment_dir, []):  # e.g. Tune cannot read an error file it left empty
+            raise _no_space(experiment_dir) from None
+        raise
+    finally:
+        _TRACKERS.pop(plan.name, None)
+    if grid.errors and _storage_full(experiment_dir, grid.errors):
+        raise _no_space(experiment_dir)
+    if _unfinished(path, _trial_count(spec, plan)):
+        raise KeyboardInterrupt(f"noise setting {plan.name} stopped before its trials finished")
     return [
         {
             "trial_id": Path(r.path).name,  # trial folders are named by trial id
@@ -184,6 +225,55 @@ def run_setting(
         }
         for r in grid
     ]
+
+
+def _storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
+    """Whether trials failed, or Tune broke, because the storage path is full.
+
+    On a full disk every trial fails (its checkpoint cannot be written) and burns its retries; a
+    setting ended that way must stay unfinished so that `resume` reruns those trials once there
+    is space again. Full: a trial failed with ENOSPC/EDQUOT, or less than STORAGE_RESERVE is left.
+    """
+    causes = [getattr(e, "cause", None) or e for e in errors]
+    if any(isinstance(c, OSError) and c.errno in STORAGE_ERRNOS for c in causes):
+        return True
+    try:
+        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
+    except OSError:  # not a local path
+        return False
+
+
+class _StorageGuard(tune.Callback):
+    """Ends the setting with a UserError once free space under the storage path drops below
+    STORAGE_RESERVE, checked at most once a second on the driver.
+
+    The error leaves Tune's loop like a killed driver would: the state saved at the last step
+    (every step, see DRIVER_ENV) is intact, and `resume` continues the unfinished trials.
+    """
+
+    def __init__(self, experiment_dir: str) -> None:
+        self.experiment_dir = experiment_dir
+        self._next = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + 1.0
+            self.check()
+
+    def check(self) -> None:
+        try:
+            free = shutil.disk_usage(self.experiment_dir).free
+        except OSError:  # not created yet, or not a local path
+            return
+        if free < STORAGE_RESERVE:
+            raise _no_space(self.experiment_dir)
+
+
+def _no_space(experiment_dir: str) -> UserError:
+    return UserError(
+        f"storage_path: no space left under {experiment_dir}; free some space, then run "
+        f"`jal-search resume {experiment_dir}` (finished trials are kept)"
+    )
 
 
 def failure_reason(error: BaseException) -> str:
@@ -197,35 +287,64 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
+# The tracker of each setting being run. Tune pickles callbacks with the experiment and, on
+# restore, brings back those copies instead of taking new ones; the callback therefore holds only
+# the setting's name and finds the driver's current tracker here.
+_TRACKERS: dict[str, Any] = {}
+
+
 class _Tracking(tune.Callback):
     """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow).
 
     The tracker never raises (an MLflow outage only leaves it behind, and `sync` catches up from
-    the Tune files). Restored trials' callbacks are not re-attached by Tune: the driver passes
-    a fresh one on every run and resume, so this holds no state of its own.
+    the Tune files).
     """
 
-    def __init__(self, tracker: Any, setting: str, max_epochs: int) -> None:
-        self.tracker, self.setting, self.max_epochs = tracker, setting, max_epochs
+    def __init__(self, setting: str, max_epochs: int) -> None:
+        self.setting, self.max_epochs = setting, max_epochs
+
+    @property
+    def tracker(self) -> Any:
+        return _TRACKERS.get(self.setting)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
-        self.tracker.on_result(self.setting, trial.trial_id, trial.config, result)
+        if self.tracker:
+            self.tracker.on_result(self.setting, trial.trial_id, trial.config, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        record = TrialRecord(self.setting, trial.trial_id, {}, [last] if last else [])
-        self.tracker.on_trial_end(
-            self.setting, trial.trial_id, record.status(self.max_epochs, True)
-        )
+        if self.tracker:
+            last = trial.last_result or {}
+            record = TrialRecord(self.setting, trial.trial_id, {}, [last] if last else [])
+            status = record.status(self.max_epochs, True)
+            self.tracker.on_trial_end(self.setting, trial.trial_id, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.on_trial_end(self.setting, trial.trial_id, "failed")
+        if self.tracker:
+            self.tracker.on_trial_end(self.setting, trial.trial_id, "failed")
 
 
 def _param_space(spec: SearchSpec, plan: SettingPlan) -> dict[str, Any]:
     if spec.searcher.type == "grid":
         return {k: tune.grid_search(p.choice or [p.fixed]) for k, p in plan.space.items()}
     return {k: _distribution(p) for k, p in plan.space.items()}
+
+
+def _unfinished(setting_path: str, trials: int) -> bool:
+    """Whether Tune's saved state still has trials to run (or to create).
+
+    After Ctrl-C, `fit` saves the state and returns normally, and the trials it stopped look
+    finished in the returned grid; only the saved state tells them apart (PENDING: to resume).
+    """
+    saved = tune.ExperimentAnalysis(setting_path).trials
+    done = (Trial.TERMINATED, Trial.ERROR)
+    return len(saved) < trials or any(t.status not in done for t in saved)
+
+
+def _trial_count(spec: SearchSpec, plan: SettingPlan) -> int:
+    """How many trials the setting's Tune experiment makes (a grid: the size of `_param_space`)."""
+    if spec.searcher.type != "grid":
+        return spec.budget.trials
+    return math.prod(len(p.choice or [p.fixed]) for p in plan.space.values())
 
 
 def _distribution(p: Param) -> Any:
