@@ -1,0 +1,66 @@
+"""The benchmarks run in their short mode and print what README quotes: header and ratio lines.
+
+Speed itself is never asserted: these machines are shared, and a benchmark's figures are for
+people to read. What is checked is that each script runs end to end and reports every ratio.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RATIO = re.compile(
+    r"^ratio (.+): -?[0-9.]+(?:e[-+]?\d+)? \(target (?:<=|>=) [0-9.]+: (?:met|missed)\)$"
+)
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--short", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    name = script.removesuffix(".py")
+    assert out.startswith(f"# {name} "), out[:200]
+    for fact in ("machine:", "torch ", "mode short"):
+        assert fact in out, fact
+    return out
+
+
+def ratios(out: str) -> list[str]:
+    return [m.group(1) for line in out.splitlines() if (m := RATIO.match(line))]
+
+
+def test_loop_vs_reference_reports_speedup_and_floor_ratios_for_both_workloads():
+    out = run("loop_vs_reference.py", "--repeats", "2")
+    names = ratios(out)
+    for workload in ("mnist/cnn_small", "cifar-shaped/cnn_cifar"):
+        assert f"{workload} ours/reference samples/s" in names
+        assert f"{workload} ours/floor step time" in names
+
+
+def test_packed_reports_trials_per_hour_and_memory_per_trial():
+    out = run("packed.py", "--packs", "2,8", "--repeats", "1")
+    assert ratios(out) == [f"packed K={k} / one-per-process trials per CPU-hour" for k in (2, 8)]
+    assert out.count("peak MiB") == 4  # start-up, one per process, K=2, K=8
+
+
+def test_asha_efficiency_reports_epochs_and_gap_against_the_grid():
+    out = run("asha_efficiency.py")
+    names = ratios(out)
+    assert "asha grace=2 rf=2 epochs / grid epochs" in names
+    assert "asha grace=2 rf=2 best val_acc gap (points)" in names
+    assert "grid best val_acc" in out
+
+
+@pytest.mark.slow
+def test_search_overhead_reports_the_ratio_and_the_start_up_costs():
+    out = run("search_overhead.py", "--repeats", "1")
+    assert ratios(out) == ["smoke search wall / ideal"]
+    assert "ray start-up s:" in out and "actor start-up s" in out
