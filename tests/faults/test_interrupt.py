@@ -53,7 +53,9 @@ def test_ctrl_c_stops_cleanly_and_resume_survives_damaged_checkpoints(tmp_path, 
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) == 130
     out, err = output(tmp_path / "run")
-    assert last_line(err) == "jal-search: interrupted"
+    assert last_line(err).startswith(
+        "jal-search: interrupted (an interrupted search continues with"
+    )
     settings = read_manifest(experiment)["settings"]
     assert [s["status"] for s in settings] == ["running", "pending"]
     assert not (experiment / settings[1]["name"]).exists()  # the next one never started

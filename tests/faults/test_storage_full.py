@@ -29,7 +29,7 @@ from jal_search import tune_adapter
 from jal_search.experiment import read_manifest
 from jal_search.train import load_checkpoint
 
-EPOCHS, TRIALS = 6, 4
+EPOCHS, TRIALS = 8, 8  # enough left to run when the disk fills, even on a busy machine
 
 
 @pytest.fixture
