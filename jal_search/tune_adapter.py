@@ -161,11 +161,7 @@ def run_setting(
         tune.with_parameters(_trainable, plan=plan),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
-    path = (
-        str(Path(experiment_dir) / plan.name)
-        if "://" not in experiment_dir
-        else (f"{experiment_dir.rstrip('/')}/{plan.name}")
-    )
+    path = str(Path(experiment_dir) / plan.name)  # experiments are local or NFS paths
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
