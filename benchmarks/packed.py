@@ -103,7 +103,10 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--packs", default="2,4,8", help="pack sizes K")
     p.add_argument(
-        "--child-env", nargs="*", default=[], help="KEY=VALUE set in every child (e.g. malloc)"
+        "--child-env",
+        nargs="*",
+        help="KEY=VALUE set in every child (default: the malloc settings trial processes get, "
+        "tune_adapter.MALLOC_ENV; --child-env alone: glibc's defaults)",
     )
     p.add_argument("--child", choices=["startup", "single", "packed"], help=argparse_hidden())
     p.add_argument("--configs", help=argparse_hidden())
@@ -114,7 +117,12 @@ def main() -> None:
     packs = [int(k) for k in args.packs.split(",")]
     repeats = args.repeats or (1 if args.short else 2)
     singles = 2  # one-per-process trials per repeat (each in its own process)
-    env = dict(kv.split("=", 1) for kv in args.child_env)
+    if args.child_env is None:
+        from jal_search.tune_adapter import MALLOC_ENV
+
+        env = dict(MALLOC_ENV)
+    else:
+        env = dict(kv.split("=", 1) for kv in args.child_env)
     workload = member_configs(1, args.short)[0]
     _common.header(
         "packed",
@@ -123,7 +131,7 @@ def main() -> None:
         arms=f"start-up, one-per-process ×{singles} trials, packed K={packs}",
         repeats=repeats,
         clock="child rusage (CPU) and wall; 1 thread per process",
-        child_env=env or "(none)",
+        child_env=env or "(none: glibc's defaults)",
     )
     configs = {"one-per-process": member_configs(singles, args.short)}
     arms = {

@@ -186,6 +186,12 @@ def _add_evaluate(verbs: Any) -> None:
     _add_experiment_arg(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     p.add_argument("--scope", choices=("last", "best-epoch", "last-k-mean"), default="last")
+    p.add_argument(
+        "--pack",
+        type=int,
+        help="trainings per Ray task, trained side by side in one process (in-memory datasets; "
+        "default: as many as keep every CPU busy, at most 4; 1: one per task)",
+    )
     _add_cluster_args(p)
     p.set_defaults(func=_evaluate)
 
@@ -199,6 +205,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         scope=args.scope,
         address=args.address,
         num_cpus=args.num_cpus,
+        pack=args.pack,
     )
     print(table)
     _publish(args.experiment)
@@ -317,6 +324,10 @@ def _add_train(verbs: Any) -> None:
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+K-1")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast forward"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
     p.add_argument(
         "--config", help="an exported config file (jal-search export); other flags ignored"
@@ -389,6 +400,8 @@ def _from_flags(args: argparse.Namespace) -> Any:
             "seed": args.seed,
             "device": args.device,
             "threads": args.threads,
+            "precision": args.precision,
+            "compile": args.compile,
         },
         where="train",
     ).resolve()

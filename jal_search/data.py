@@ -121,6 +121,8 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------------------- registry
 
 _LOADED: dict[tuple[str, Path | None], AnyImageSet] = {}
+# Held as one uint8 tensor (data.ImageSet); the others are read from files (data.FileImageSet).
+IN_MEMORY_DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "cifar100")
 
 
 def dataset_names() -> list[str]:

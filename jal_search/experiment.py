@@ -170,8 +170,35 @@ class TrialRecord:
         return "stopped" if setting_done else "running"
 
 
+# A packed Tune trial (spec `pack: K`) trains several configs: its config holds their sampled
+# parameters under MEMBERS, and each result row their metrics under MEMBERS, keyed "0", "1", ….
+# Everywhere downstream (results, MLflow) each member is a trial of its own, `<trial id>-m<k>`.
+MEMBERS = "members"
+
+
+def unpack(
+    trial_id: str, config: dict[str, Any], row: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(trial id, parameters, result row) of each config a Tune trial trains.
+
+    A plain trial is itself; a pack gives one entry per member, whose row is the pack's row with
+    the member's metrics in place of the pack's (None when the member did not train that epoch).
+    """
+    members = config.get(MEMBERS)
+    if members is None:
+        return [(trial_id, config, row)]
+    shared = None if row is None else {k: v for k, v in row.items() if k != MEMBERS}
+    out = []
+    for k, params in enumerate(members):
+        mine = None if row is None else (row.get(MEMBERS) or {}).get(str(k))
+        merged = None if shared is None or mine is None else {**shared, **mine}
+        out.append((f"{trial_id}-m{k}", params, merged))
+    return out
+
+
 def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[TrialRecord]:
-    """Every trial of one setting, sorted by trial id; tolerant of a half-written last line.
+    """Every trial of one setting (a pack's members one by one), sorted by trial id; tolerant of
+    a half-written last line.
 
     `failures` maps trial ids to the reason they finally failed (from the manifest).
     """
@@ -184,19 +211,20 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
             config = json.loads((trial_dir / "params.json").read_text())
         except json.JSONDecodeError:
             config = {}
-        history = []
+        rows = []
         result = trial_dir / "result.json"
         if result.is_file():
             for line in result.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
                     row = json.loads(line)
                     row.pop("config", None)
-                    history.append(row)
-        records.append(
-            TrialRecord(
-                setting, trial_dir.name, config, _rewound(history), failures.get(trial_dir.name)
-            )
-        )
+                    rows.append(row)
+        error = failures.get(trial_dir.name)
+        members = unpack(trial_dir.name, config)
+        for k, (trial_id, params, _) in enumerate(members):
+            history = [unpack(trial_dir.name, config, r)[k][2] for r in rows]
+            kept = [r for r in history if r is not None]
+            records.append(TrialRecord(setting, trial_id, params, _rewound(kept), error))
     return records
 
 

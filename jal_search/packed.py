@@ -30,10 +30,11 @@ Conventions and edge cases
 - Members must agree on `SHARED_FIELDS` (one architecture, one dataset and split, one schedule
   length and batch size, one device); anything else may differ. Otherwise: UserError.
 - Only in-memory datasets (`data.ImageSet`) can be packed: members share one copy of the images.
-- `report(member, metrics, state)` is called after every epoch for every member still training;
-  `metrics` has `run_trial`'s keys; `epoch_seconds` is the whole pack's epoch. `state` holds the
-  member's `epoch`, `model` (a state dict aliasing the live stacked tensors: copy it before
-  returning), `label_hash` and `history`; packed training does not resume from it.
+- `report(metrics, state)` is called after every epoch: `metrics` maps each member that trained
+  that epoch to `run_trial`'s metric keys (`epoch_seconds` is the whole pack's epoch); `state` is
+  the pack's checkpoint (stacked weights, momentum, histories; its tensors alias the live ones:
+  save or copy them before returning). `run_packed(configs, resume=state)` continues from it, and
+  `member_model(state, i)` is member i's model state dict.
 - A member whose epoch loss is NaN/inf ends with status "diverged" and reports no more; its
   computation continues inside the pack (members never exchange values), unobserved.
 """
@@ -53,14 +54,22 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from jal_search.config import TrialConfig
-from jal_search.data import ImageSet, Loader, TensorLoader, eval_loader
+from jal_search.data import IN_MEMORY_DATASETS, ImageSet, Loader, TensorLoader, eval_loader
 from jal_search.errors import UserError
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.profiles import Profile, get_profile
-from jal_search.train import Metrics, TrialData, TrialResult, pick_device, prepare_data
+from jal_search.train import (
+    Metrics,
+    TrialData,
+    TrialResult,
+    check_precision,
+    make_scheduler,
+    pick_device,
+    prepare_data,
+)
 
-PackedReport = Callable[[int, Metrics, dict[str, Any]], None]
+PackedReport = Callable[[dict[int, Metrics], dict[str, Any]], None]
 
 SHARED_FIELDS = (
     "dataset",
@@ -72,6 +81,7 @@ SHARED_FIELDS = (
     "val_fraction",
     "device",
     "threads",
+    "precision",
 )
 
 # Layers without parameters that act on each channel (or element) alone: valid in the wide layout.
@@ -79,9 +89,14 @@ _PER_CHANNEL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Fl
 
 
 def run_packed(
-    configs: Sequence[TrialConfig], report: PackedReport | None = None
+    configs: Sequence[TrialConfig],
+    report: PackedReport | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> list[TrialResult]:
-    """Train `configs` as one pack; return one TrialResult per config, in order."""
+    """Train `configs` as one pack; return one TrialResult per config, in order.
+
+    `resume` is a state given to `report`: training continues after its epoch.
+    """
     cfgs = check_packable(configs)
     first = cfgs[0]
     if first.threads:
@@ -92,7 +107,7 @@ def run_packed(
     if not isinstance(ds, ImageSet):
         raise UserError(
             f"dataset: {ds.name} is read from files; packed trials need an in-memory dataset "
-            "(mnist, fashion_mnist, digits, cifar10, cifar100): run these configs one by one"
+            f"({', '.join(IN_MEMORY_DATASETS)}): run these configs one by one"
         )
     profile = get_profile(first.dataset)
     k = len(cfgs)
@@ -110,6 +125,7 @@ def run_packed(
         _StackedSGD(pack.parameters(), profile, [c.l2 for c in cfgs]),
         torch.tensor([c.l1 for c in cfgs], device=device),
         profile.grad_clip,
+        check_precision(first.precision, device),
     )
     rates = [_learning_rates(c, profile) for c in cfgs]
     loaders, val_batches, test_batches = _loaders(cfgs, data, device, profile)
@@ -118,16 +134,22 @@ def run_packed(
     histories: list[list[Metrics]] = [[] for _ in cfgs]
     status = ["completed"] * k
     active = list(range(k))
-    for epoch in range(first.epochs):
+    start = 0
+    if resume is not None:
+        start, histories, status, active = _restore(resume, pack, step.optimizer, data)
+    for epoch in range(start, first.epochs):
         began = time.perf_counter()
         lr = [r[epoch] for r in rates]
         sums = step.epoch(_joined(loaders, epoch, pack), torch.tensor(lr, device=device))
         train_loss = [s / max(sums.batches, 1) for s in sums.loss.tolist()]
         finite = [i for i in active if math.isfinite(train_loss[i])]
-        val = _accuracies(pack, val_batches) if val_batches and finite else [math.nan] * k
-        test = _accuracies(pack, test_batches) if finite else [math.nan] * k
+        val = (
+            _accuracies(pack, val_batches, step.bf16) if val_batches and finite else [math.nan] * k
+        )
+        test = _accuracies(pack, test_batches, step.bf16) if finite else [math.nan] * k
         fit, memo, wrong = sums.fit.tolist(), sums.memo.tolist(), sums.wrong.tolist()
         seconds = time.perf_counter() - began
+        reported: dict[int, Metrics] = {}
         for i in active:
             diverged = not math.isfinite(train_loss[i])
             metrics: Metrics = {
@@ -143,11 +165,14 @@ def run_packed(
                 "diverged": float(diverged),
             }
             histories[i].append(metrics)
-            if report is not None:
-                report(i, metrics, _state(epoch + 1, pack, i, data[i], histories[i]))
+            reported[i] = metrics
             if diverged:
                 status[i] = "diverged"
         active = finite
+        if report is not None:
+            report(
+                reported, _state(epoch + 1, pack, step.optimizer, data, histories, status, active)
+            )
         if not active:
             break
     return [
@@ -156,11 +181,39 @@ def run_packed(
     ]
 
 
+# Packs that `jal-search evaluate` forms on its own stay at most this large: on CPU a member's
+# epoch costs 1.02×, 1.08×, 1.21× its cost alone at K = 2, 4, 8 (benchmarks/packed.py).
+AUTO_PACK_MAX = 4
+
+
+def auto_pack_size(trainings: int, slots: float) -> int:
+    """Members per pack for `trainings` runs on `slots` concurrent tasks: enough packs to keep
+    every slot busy, each as large as that allows up to AUTO_PACK_MAX."""
+    return max(1, min(AUTO_PACK_MAX, math.ceil(trainings / max(slots, 1.0))))
+
+
+def group_packs(configs: Sequence[TrialConfig], size: int) -> list[list[int]]:
+    """Indices of `configs` in packs of at most `size` members that can train together: configs
+    that agree on SHARED_FIELDS, on an in-memory dataset; any other config trains alone."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(configs):
+        r = c.resolve()
+        key = (
+            (i,)
+            if r.dataset not in IN_MEMORY_DATASETS
+            else tuple(getattr(r, f) for f in SHARED_FIELDS)
+        )
+        groups.setdefault(key, []).append(i)
+    return [g[j : j + size] for g in groups.values() for j in range(0, len(g), size)]
+
+
 def check_packable(configs: Sequence[TrialConfig]) -> list[TrialConfig]:
     """The resolved configs, or UserError when they cannot share one pack."""
     if not configs:
         raise UserError("configs: a pack needs at least one TrialConfig")
     cfgs = [c.resolve() for c in configs]
+    if any(c.compile for c in cfgs):
+        raise UserError("compile: packed trials run uncompiled; set compile: false or pack: 1")
     for i, c in enumerate(cfgs[1:], start=1):
         for name in SHARED_FIELDS:
             mine, theirs = getattr(c, name), getattr(cfgs[0], name)
@@ -248,8 +301,7 @@ class Pack:
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (the keys of its model's), aliasing the stacked tensors."""
-        stacked = {**self.params, **self.buffers}
-        return {n: self.counts[n] if _is_count(n) else stacked[n][i].detach() for n in self.keys}
+        return _member_view(self.keys, {**self.params, **self.buffers, **self.counts}, i)
 
     def _wide_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -374,6 +426,7 @@ class _Step:
     optimizer: _StackedSGD
     l1: torch.Tensor  # (K,)
     grad_clip: float | None
+    bf16: bool
 
     def epoch(
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], lr: torch.Tensor
@@ -385,7 +438,8 @@ class _Step:
         self.pack.train()
         for images, labels in batches:
             noisy, clean = labels[..., 0], labels[..., 1]  # (K, B) each
-            logits = self.pack(images)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.pack(images).float()
             loss = torch.stack([fn(logits[i], noisy[i]) for i, fn in enumerate(self.losses)])
             self.optimizer.zero_grad()
             loss.sum().backward()  # members are independent: each gets its own loss's gradient
@@ -446,12 +500,7 @@ def _learning_rates(cfg: TrialConfig, profile: Profile) -> list[float]:
     """Each epoch's lr from torch's own scheduler, built as run_trial builds it (same floats)."""
     probe = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([probe], lr=cfg.lr)
-    if profile.schedule == "cosine":
-        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    else:
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, profile.step_size, profile.step_gamma
-        )
+    scheduler = make_scheduler(optimizer, profile, cfg.epochs)
     rates = []
     for _ in range(cfg.epochs):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -516,7 +565,7 @@ def _joined(
         yield pack.join([images for images, _ in step]), torch.stack([y for _, y in step])
 
 
-def _accuracies(pack: Pack, loader: Loader) -> list[float]:
+def _accuracies(pack: Pack, loader: Loader, bf16: bool) -> list[float]:
     """Per-member top-1 accuracy; labels are (N,) shared or (N, K) one column per member."""
     pack.eval()
     correct = torch.zeros(pack.k, dtype=torch.long)
@@ -525,19 +574,75 @@ def _accuracies(pack: Pack, loader: Loader) -> list[float]:
         for images, labels in loader.batches(0):
             # K members see each image: split the batch so a pass holds about one batch's worth.
             chunk = math.ceil(len(images) / pack.k)
-            predicted = torch.cat([pack(pack.repeat(x)).argmax(-1) for x in images.split(chunk)], 1)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                parts = [pack(pack.repeat(x)).argmax(-1) for x in images.split(chunk)]
+            predicted = torch.cat(parts, 1)
             target = labels.T if labels.ndim == 2 else labels
             correct = correct.to(labels.device) + (predicted == target).sum(1)
             total += len(labels)
     return (correct.double() / max(total, 1)).tolist()
 
 
+# ------------------------------------------------------------------------------ checkpoints
+
+
 def _state(
-    epoch: int, pack: Pack, i: int, data: TrialData, history: list[Metrics]
+    epoch: int,
+    pack: Pack,
+    optimizer: _StackedSGD,
+    data: list[TrialData],
+    histories: list[list[Metrics]],
+    status: list[str],
+    active: list[int],
 ) -> dict[str, Any]:
+    """The pack's checkpoint after `epoch`: plain tensors, lists and strings (weights_only)."""
     return {
         "epoch": epoch,
-        "model": pack.member_state(i),
-        "label_hash": data.label_hash,
-        "history": [dict(m) for m in history],
+        "keys": pack.keys,
+        "params": {n: p.detach() for n, p in pack.params.items()},
+        "buffers": dict(pack.buffers),
+        "counts": dict(pack.counts),
+        "momentum": list(optimizer.buffers),
+        "label_hashes": [d.label_hash for d in data],
+        "histories": [[dict(m) for m in h] for h in histories],
+        "status": list(status),
+        "active": list(active),
     }
+
+
+def _restore(
+    state: dict[str, Any], pack: Pack, optimizer: _StackedSGD, data: list[TrialData]
+) -> tuple[int, list[list[Metrics]], list[str], list[int]]:
+    """Load a `_state` into the pack and optimiser; returns epoch, histories, status, active."""
+    hashes = [d.label_hash for d in data]
+    if state["label_hashes"] != hashes or list(state["params"]) != list(pack.params):
+        raise UserError(
+            "resume: the checkpoint is of another pack (other members, noisy labels or model); "
+            "start the trial afresh"
+        )
+    with torch.no_grad():
+        for n, p in pack.params.items():
+            p.copy_(state["params"][n])
+        for n, b in pack.buffers.items():
+            b.copy_(state["buffers"][n])
+        for n, c in pack.counts.items():
+            c.copy_(state["counts"][n])
+    optimizer.buffers = [
+        None if m is None else m.detach().to(p.device, copy=True)
+        for m, p in zip(state["momentum"], optimizer.params, strict=True)
+    ]
+    histories = [[dict(m) for m in h] for h in state["histories"]]
+    return int(state["epoch"]), histories, list(state["status"]), list(state["active"])
+
+
+def member_model(state: dict[str, Any], i: int) -> dict[str, torch.Tensor]:
+    """Member i's model state dict from a pack checkpoint (views of its stacked tensors)."""
+    return _member_view(
+        state["keys"], {**state["params"], **state["buffers"], **state["counts"]}, i
+    )
+
+
+def _member_view(
+    keys: list[str], stacked: dict[str, torch.Tensor], i: int
+) -> dict[str, torch.Tensor]:
+    return {n: stacked[n] if _is_count(n) else stacked[n][i].detach() for n in keys}

@@ -128,16 +128,22 @@ def evaluate(
     scope: str = "last",
     address: str | None = None,
     num_cpus: int | None = None,
+    pack: int | None = None,
 ) -> str:
     """Retrain each setting's best config at full budget over `seeds` seeds; write final tables.
 
     Seeds are the spec's seed, seed+1, …; each seed also draws its own noisy labels (as upstream,
-    which builds the data after seeding). Returns the markdown table (mean ± std of test_acc).
+    which builds the data after seeding). Trainings on in-memory datasets run in packs of `pack`
+    per Ray task (`packed.run_packed`; None: `packed.auto_pack_size`, 1: one per task). Returns
+    the markdown table (mean ± std of test_acc).
     """
     from jal_search import tune_adapter
+    from jal_search.packed import auto_pack_size, group_packs
 
     if seeds < 1:
         raise UserError(f"--seeds: must be at least 1, got {seeds}")
+    if pack is not None and pack < 1:
+        raise UserError(f"--pack: must be at least 1, got {pack}")
     path = exp.find_experiment(ref)
     ex = results.with_trials(path)
     chosen = results.best(ex, scope=scope)
@@ -152,12 +158,22 @@ def evaluate(
     cluster = tune_adapter.connect(address, num_cpus)
     try:
         r = ex.spec.resources
-        print(f"evaluating {len(chosen)} settings × {seeds} seeds as {len(jobs)} Ray tasks")
-        outcomes = tune_adapter.run_trainings(
-            [c for _, c in jobs], r.cpus_per_trial, r.gpus_per_trial
+        configs = [c for _, c in jobs]
+        size = pack or auto_pack_size(len(jobs), cluster.cpus // r.cpus_per_trial)
+        packs = group_packs(configs, size)
+        print(
+            f"evaluating {len(chosen)} settings × {seeds} seeds: {len(jobs)} trainings "
+            f"in {len(packs)} Ray tasks"
+        )
+        packed = tune_adapter.run_trainings(
+            [[configs[i] for i in p] for p in packs], r.cpus_per_trial, r.gpus_per_trial
         )
     finally:
         tune_adapter.disconnect(cluster)
+    outcomes: list[dict[str, Any]] = [{}] * len(jobs)
+    for p, outs in zip(packs, packed, strict=True):
+        for i, out in zip(p, outs, strict=True):
+            outcomes[i] = out
     rows = [
         {
             "setting": name,
@@ -206,7 +222,7 @@ def _session(
 def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any) -> None:
     from jal_search import tune_adapter
 
-    tracker.start(exp.read_manifest(path))
+    tracker.start(exp.read_manifest(path), background=True)
     done = {s["name"] for s in exp.read_manifest(path)["settings"] if s["status"] == "done"}
     for p in plans:
         if p.name in done:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +151,9 @@ class SearchSpec(_Strict):
     resources: Resources = Resources()
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0)
+    # Configs trained side by side in one trial process (jal_search.packed); every config of a
+    # pack runs to budget.epochs, so only for grid/random searches without early stopping.
+    pack: int = Field(1, ge=1, le=32)
     storage_path: str = "jal_results"
     storage_shared: bool = False  # a local storage_path that every node of the cluster sees
     tracking_uri: str | None = None
@@ -175,6 +179,27 @@ class SearchSpec(_Strict):
             raise ValueError(
                 f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds budget.epochs "
                 f"({self.budget.epochs}); lower it or raise the budget"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pack_without_early_stopping(self) -> SearchSpec:
+        if self.pack == 1:
+            return self
+        if self.scheduler.type != "none":
+            raise ValueError(
+                f"pack: {self.pack} trains every config of a pack to budget.epochs, which an "
+                "early-stopping scheduler cannot do; set scheduler: {type: none} or pack: 1"
+            )
+        if self.searcher.type == "optuna":
+            raise ValueError(
+                f"pack: {self.pack} needs every config chosen up front; Optuna picks each from "
+                "finished ones. Set searcher.type: grid or random, or pack: 1"
+            )
+        if "batch_size" in self.space:
+            raise ValueError(
+                "pack: the configs of a pack share one batch size; fix batch_size (training:) "
+                "or set pack: 1"
             )
         return self
 
@@ -306,9 +331,15 @@ def noise_settings(spec: SearchSpec) -> list[NoiseSetting]:
 
 def plan(spec: SearchSpec) -> list[SettingPlan]:
     """One plan per noise setting; raises UserError for anything that cannot run."""
+    from jal_search.data import IN_MEMORY_DATASETS
     from jal_search.losses import amse_a_min, canonical_loss_name, loss_parameters
 
     get_profile(spec.dataset)  # a dataset without a training profile cannot be searched
+    if spec.pack > 1 and spec.dataset not in IN_MEMORY_DATASETS:
+        raise UserError(
+            f"pack: {spec.dataset} is read from files; packed trials need an in-memory dataset "
+            f"({', '.join(IN_MEMORY_DATASETS)}): set pack: 1"
+        )
     loss = canonical_loss_name(spec.loss)
     valid = loss_parameters(loss)
     for key in spec.space:
@@ -442,7 +473,13 @@ def describe(spec: SearchSpec) -> str:
             else ""
         ),
         f"{len(plans)} noise settings × {trials} trials × ≤{spec.budget.epochs} epochs "
-        f"= worst case {len(plans) * trials * spec.budget.epochs} trial-epochs",
+        f"= worst case {len(plans) * trials * spec.budget.epochs} trial-epochs"
+        + (
+            f"; packed {spec.pack} per process: {len(packs(spec, plans[0]))} Tune trials per "
+            "setting"
+            if spec.pack > 1
+            else ""
+        ),
         f"selection: val_acc on {spec.val_labels} validation labels "
         f"({spec.val_fraction:.0%} of the training set); test accuracy is reported only",
     ]
@@ -460,6 +497,27 @@ def _show(p: Param) -> str:
         if bounds is not None:
             return f"{kind}[{bounds[0]:.3g}, {bounds[1]:.3g}]"
     return f"choice{p.choice}" if p.choice is not None else f"{p.fixed:g}"
+
+
+def packs(spec: SearchSpec, p: SettingPlan) -> list[list[dict[str, float]]]:
+    """A packed search's configs, `spec.pack` per pack: every point of the grid, or (random) the
+    paper's point followed by seeded samples of the space, `budget.trials` in all."""
+    if spec.searcher.type == "grid":
+        points = grid_points(p.space)
+    else:
+        rng = random.Random(f"{spec.searcher.seed}/{p.name}")
+        points = p.points_to_evaluate[: spec.budget.trials]
+        while len(points) < spec.budget.trials:
+            points.append({k: _sample(v, rng) for k, v in p.space.items()})
+    return [points[i : i + spec.pack] for i in range(0, len(points), spec.pack)]
+
+
+def _sample(p: Param, rng: random.Random) -> float:
+    if p.loguniform is not None:
+        return math.exp(rng.uniform(math.log(p.loguniform[0]), math.log(p.loguniform[1])))
+    if p.uniform is not None:
+        return rng.uniform(*p.uniform)
+    return rng.choice(p.choice)  # type: ignore[arg-type]
 
 
 def grid_points(space: dict[str, Param]) -> list[dict[str, float]]:

@@ -46,6 +46,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -153,13 +154,25 @@ class Tracker:
         self._pending: dict[str, _Pending] = {}
         self._retry_at = 0.0
         self._warned = False
+        self._busy = threading.Lock()  # one MLflow caller at a time: the driver or the starter
+        self._starter: threading.Thread | None = None
 
     # ---- live path: never raises -------------------------------------------------------------
 
-    def start(self, manifest: dict[str, Any]) -> None:
-        """Ensure the experiment and one parent run per noise setting."""
+    def start(self, manifest: dict[str, Any], background: bool = False) -> None:
+        """Ensure the experiment and one parent run per noise setting.
+
+        `background`: in a thread, so that a new store's set-up (seconds for SQLite's schema)
+        overlaps the search's start; live results queue meanwhile, and `sync` waits for it.
+        """
         self._manifest = manifest
-        self._live(self._start_parents)
+        if background:
+            self._starter = threading.Thread(
+                target=self._live, args=(self._start_parents,), daemon=True
+            )
+            self._starter.start()
+        else:
+            self._live(self._start_parents)
 
     def on_result(
         self, setting: str, trial_id: str, params: dict[str, Any], result: dict[str, Any]
@@ -188,6 +201,8 @@ class Tracker:
     def _live(self, action: Any) -> None:
         if time.monotonic() < self._retry_at:
             return  # in an outage: keep the backlog, try again later
+        if not self._busy.acquire(blocking=False):
+            return  # the background start is still at it: keep the backlog for the next call
         try:
             with _mlflow_settings(LIVE_RETRIES):
                 action()
@@ -206,6 +221,8 @@ class Tracker:
                 )
         else:
             self._warned = False
+        finally:
+            self._busy.release()
 
     def _start_parents(self) -> None:
         for entry in self.manifest["settings"]:
@@ -229,6 +246,8 @@ class Tracker:
 
         from jal_search.search import best_trials
 
+        if self._starter is not None:
+            self._starter.join()
         manifest = exp.read_manifest(path)
         self._manifest = manifest
         max_epochs = manifest["spec"]["budget"]["epochs"]
@@ -595,7 +614,7 @@ def _artifact_location(uri: str) -> str | None:
 def _mlflow_settings(retries: int) -> Iterator[None]:
     """Bound how long one MLflow HTTP call may block, and stop MLflow printing a "View run" line
     (plus an extra request) for every run it ends. Only variables the user has not set change;
-    MLflow reads them at call time, and the driver calls the tracker from one thread.
+    MLflow reads them at call time, and one thread at a time calls MLflow (`Tracker._busy`).
     """
     limits = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),

@@ -9,8 +9,8 @@ from torch import nn
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
 from jal_search.models import build_model, model_names
-from jal_search.packed import Pack, check_packable, run_packed
-from jal_search.train import run_trial
+from jal_search.packed import Pack, check_packable, member_model, run_packed
+from jal_search.train import load_checkpoint, run_trial, save_checkpoint
 
 # A modest lr keeps two epochs of digits tame: float differences between grouped and plain kernels
 # (1e-7) then stay small instead of flipping a max-pool's winner and growing from there.
@@ -25,11 +25,14 @@ def _run_alone(config):
 
 
 def _run_packed(configs):
+    """run_packed's results and each member's model state after the last epoch it trained."""
     states = {}
-    results = run_packed(
-        configs, report=lambda i, m, s: states.__setitem__(i, copy.deepcopy(s["model"]))
-    )
-    return results, states
+
+    def report(metrics, state):
+        for i in metrics:
+            states[i] = copy.deepcopy(member_model(state, i))
+
+    return run_packed(configs, report=report), states
 
 
 def _assert_same_history(alone, packed, num_val, num_test):
@@ -110,6 +113,43 @@ def test_the_wide_model_computes_each_member_exactly(name):
             torch.testing.assert_close(logits[i], member.eval()(shared), atol=1e-4, rtol=1e-4)
 
 
+def test_a_pack_resumed_from_its_checkpoint_ends_as_if_never_stopped(tmp_path):
+    configs = [
+        TrialConfig(**{**BASE, "epochs": 3}, seed=1, loss="jal_ce"),
+        TrialConfig(**{**BASE, "epochs": 3, "lr": 1e6}, seed=2, loss="ce"),  # diverges at once
+        TrialConfig(**{**BASE, "epochs": 3}, seed=3, loss="gce"),
+    ]
+    states = []
+    whole = run_packed(configs, report=lambda m, s: states.append(copy.deepcopy(s)))
+    assert [r.status for r in whole] == ["completed", "diverged", "completed"]
+    save_checkpoint(states[0], tmp_path)  # after epoch 1, through the file format trials use
+    resumed_states = []
+    resumed = run_packed(
+        configs,
+        report=lambda m, s: resumed_states.append(copy.deepcopy(s)),
+        resume=load_checkpoint(tmp_path),
+    )
+    assert len(resumed_states) == 2  # epochs 2 and 3 only
+    for a, b in zip(whole, resumed, strict=True):
+        assert b.status == a.status
+        assert [m["epoch"] for m in b.history] == [m["epoch"] for m in a.history]
+        for ma, mb in zip(a.history, b.history, strict=True):
+            for key in ("train_loss", "val_acc", "test_acc", "noisy_fit"):
+                assert mb[key] == pytest.approx(ma[key], nan_ok=True), key
+    for i in (0, 2):
+        for name, value in member_model(states[-1], i).items():
+            torch.testing.assert_close(member_model(resumed_states[-1], i)[name], value)
+
+
+def test_a_checkpoint_of_another_pack_is_refused():
+    configs = [TrialConfig(**{**BASE, "epochs": 1}, seed=s, loss="ce") for s in (1, 2)]
+    states = []
+    run_packed(configs, report=lambda m, s: states.append(s))
+    other = [c.model_copy(update={"noise_rate": 0.2}) for c in configs]
+    with pytest.raises(UserError, match="resume: the checkpoint is of another pack"):
+        run_packed(other, resume=states[0])
+
+
 def test_a_layer_packing_does_not_know_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LayerNorm(3))
     with pytest.raises(TypeError, match="LayerNorm"):
@@ -124,12 +164,19 @@ def test_a_layer_packing_does_not_know_is_refused():
         ({"dataset": "mnist"}, "dataset"),
         ({"model": "mlp"}, "model"),
         ({"train_subset": 500}, "train_subset"),
+        ({"precision": "bf16"}, "precision"),
     ],
 )
 def test_configs_that_cannot_share_a_pack_are_refused(change, field):
     first = TrialConfig(**BASE, seed=1)
     with pytest.raises(UserError, match=rf"configs\[1\]\.{field}:"):
         check_packable([first, first.model_copy(update={"seed": 2, **change})])
+
+
+def test_a_compiled_pack_is_refused():
+    config = TrialConfig(**BASE, seed=1, compile=True)
+    with pytest.raises(UserError, match="compile: packed trials run uncompiled"):
+        check_packable([config, config.model_copy(update={"seed": 2})])
 
 
 def test_an_empty_pack_is_refused():

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from jal_search import search
+from jal_search.data import load_dataset
 from jal_search.experiment import read_manifest, read_trials
 from jal_search.spec import SPACES_DIR, load_spec
 
@@ -89,14 +90,24 @@ def test_results_verbs_write_tables_plots_and_an_export(smoke, capsys):
 def test_evaluate_reruns_each_best_config_over_seeds_as_ray_tasks(smoke, capsys):
     import pyarrow.parquet as pq
 
-    table = search.evaluate(str(smoke), seeds=2)
-    final = pq.read_table(smoke / "results" / "final.parquet").to_pylist()
-    assert len(final) == 4  # 2 settings × 2 seeds
-    assert {(r["setting"], r["seed"]) for r in final} == {
+    def final() -> dict[tuple[str, int], dict]:
+        rows = pq.read_table(smoke / "results" / "final.parquet").to_pylist()
+        return {(r["setting"], r["seed"]): r for r in rows}
+
+    table = search.evaluate(str(smoke), seeds=2)  # 4 trainings, 2 CPUs: 2 packs of 2
+    assert "4 trainings in 2 Ray tasks" in capsys.readouterr().out
+    packed = final()
+    assert set(packed) == {
         (s, seed) for s in ("symmetric-0.4", "asymmetric-0.2") for seed in (123, 124)
     }
-    assert all(r["status"] == "completed" and 0 < r["test_acc"] <= 1 for r in final)
+    assert all(r["status"] == "completed" and 0 < r["test_acc"] <= 1 for r in packed.values())
     assert "±" in table and "(n=2)" in table
+    # Packing changes where a training runs, not what it gives: one task per training agrees.
+    search.evaluate(str(smoke), seeds=2, pack=1)
+    assert "4 trainings in 4 Ray tasks" in capsys.readouterr().out
+    test_size = len(load_dataset("digits").test_labels)
+    for key, alone in final().items():
+        assert alone["test_acc"] == pytest.approx(packed[key]["test_acc"], abs=1.01 / test_size)
 
 
 def test_a_second_run_of_the_same_experiment_is_refused(local_ray, tmp_path, capsys):

@@ -1,0 +1,93 @@
+"""Packed searches on a real local Ray: each Tune trial trains a pack of configs; downstream
+(results, MLflow) every member is a trial of its own, with what `run_trial` would have given it."""
+
+import json
+
+import pytest
+import yaml
+
+from jal_search import results, search
+from jal_search.experiment import read_manifest, read_trials
+from jal_search.spec import parse_spec, plan
+from jal_search.train import run_trial
+
+SPEC = {
+    "name": "packed",
+    "dataset": "digits",
+    "loss": "jal_ce",
+    "noise": {"symmetric": [0.4]},
+    "space": {"alpha": {"choice": [1.0, 10.0]}, "lr": {"choice": [0.02, 1.0e30]}},
+    "budget": {"trials": 4, "epochs": 3},
+    "scheduler": {"type": "none"},
+    "searcher": {"type": "grid"},
+    "resources": {"cpus_per_trial": 1},
+    "max_concurrent_trials": 2,
+    "pack": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def packed(local_ray, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed")
+    (folder / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    return search.run(str(folder / "spec.yaml"), storage_path=str(folder / "runs"))
+
+
+def test_a_packed_grid_gives_every_config_its_own_trial(packed):
+    (setting,) = read_manifest(packed)["settings"]
+    assert setting["status"] == "done" and setting["failures"] == {}
+    tune_trials = [p for p in (packed / setting["name"]).iterdir() if (p / "params.json").is_file()]
+    assert len(tune_trials) == 2  # 4 configs in packs of 3 and 1
+    trials = read_trials(packed, setting["name"], {})
+    assert sorted((t.config["alpha"], t.config["lr"]) for t in trials) == [
+        (1.0, 0.02), (1.0, 1e30), (10.0, 0.02), (10.0, 1e30)
+    ]  # fmt: skip
+    assert {t.trial_id.rsplit("-m", 1)[0] for t in trials} == {p.name for p in tune_trials}
+    for t in trials:
+        if t.config["lr"] == 1e30:  # diverges in its first epoch and leaves its pack
+            assert t.status(3, True) == "diverged" and len(t.history) == 1
+        else:
+            assert t.status(3, True) == "completed"
+            assert [r["training_iteration"] for r in t.history] == [1, 2, 3]
+
+
+def test_a_member_trains_as_its_config_would_alone(packed):
+    (setting,) = read_manifest(packed)["settings"]
+    trials = read_trials(packed, setting["name"], {})
+    member = next(t for t in trials if t.config == {"alpha": 10.0, "lr": 0.02})
+    (p,) = plan(parse_spec(SPEC, where="spec"))
+    alone = run_trial(p.trial(member.config)).history
+    n_val = len(run_trial(p.trial(member.config).model_copy(update={"epochs": 1})).data.val_idx)
+    for a, m in zip(alone, member.history, strict=True):
+        assert m["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert m["val_acc"] == pytest.approx(a["val_acc"], abs=1.01 / n_val)
+
+
+def test_results_and_mlflow_see_members_as_trials(packed):
+    from mlflow import MlflowClient
+
+    from jal_search.tracking import default_tracking_uri
+
+    ex = results.with_trials(packed)
+    table = results.trials_table(ex)
+    assert table.num_rows == 4
+    best = results.best(ex, scope="last")
+    assert best["symmetric-0.4"].params["lr"] == 0.02  # diverged members are never selected
+    client = MlflowClient(default_tracking_uri(packed))
+    (experiment,) = client.search_experiments(filter_string="name = 'packed'")
+    children = client.search_runs([experiment.experiment_id], "tags.`jal.role` = 'trial'")
+    assert sorted(r.data.tags["jal.trial"] for r in children) == sorted(
+        f"symmetric-0.4/{t.trial_id}" for t in read_trials(packed, "symmetric-0.4", {})
+    )
+    statuses = sorted(r.data.tags["jal.status"] for r in children)
+    assert statuses == ["completed", "completed", "diverged", "diverged"]
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert len(history) == (3 if run.data.params["lr"] == "0.02" else 1)
+    # The Tune files say the same thing: each row carries the members that trained that epoch.
+    rows = [
+        json.loads(line)
+        for f in (packed / "symmetric-0.4").glob("*/result.json")
+        for line in f.read_text().splitlines()
+    ]
+    assert sum(len(r["members"]) for r in rows) == 3 + 3 + 1 + 1
