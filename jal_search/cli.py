@@ -325,7 +325,10 @@ def _add_train(verbs: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast forward"
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 autocast (auto: the profile's choice where the device has fast bf16)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")

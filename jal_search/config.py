@@ -48,9 +48,9 @@ class TrialConfig(BaseModel):
     noise_seed: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = Field(None, gt=0)  # torch intra-op threads; None leaves torch's default
-    # bf16: the model's forward under bf16 autocast (weights, loss and optimiser stay fp32).
-    # Off by default everywhere: see README "Speed options" for what it gains and costs.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: the model's forward under bf16 autocast (weights, loss and optimiser stay fp32);
+    # auto: the profile's choice where the device runs bf16 fast, else fp32 (train.check_precision).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False  # torch.compile the model (for CUDA; measured slower on CPU)
 
     @field_validator("dataset", "loss", "noise_type")

@@ -125,7 +125,7 @@ def run_packed(
         _StackedSGD(pack.parameters(), profile, [c.l2 for c in cfgs]),
         torch.tensor([c.l1 for c in cfgs], device=device),
         profile.grad_clip,
-        check_precision(first.precision, device),
+        check_precision(first.precision, profile, device),
     )
     rates = [_learning_rates(c, profile) for c in cfgs]
     loaders, val_batches, test_batches = _loaders(cfgs, data, device, profile)
@@ -163,6 +163,7 @@ def run_packed(
                 "noise_realised": data[i].noise_rate,
                 "epoch_seconds": seconds,
                 "diverged": float(diverged),
+                "bf16": float(step.bf16),
             }
             histories[i].append(metrics)
             reported[i] = metrics

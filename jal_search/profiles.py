@@ -35,15 +35,20 @@ class Profile:
     step_size: int = 1  # step schedule only
     step_gamma: float = 0.1  # step schedule only
     grad_clip: float | None = 5.0  # max global grad norm; None = no clipping
+    # What `precision: auto` runs where the device has fast bf16 (see train.check_precision):
+    # "bf16" only where the accuracy was measured to be kept.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 PROFILES: dict[str, Profile] = {
     p.dataset: p
     for p in (
         # The embedded default: a CNN small enough that an epoch over 60k images takes seconds on
-        # 2 CPU cores; SGD + cosine + clipping as the paper's CIFAR-10 setup.
+        # 2 CPU cores; SGD + cosine + clipping as the paper's CIFAR-10 setup. bf16: JAL-CE, 20k,
+        # 10 epochs, sym 0.6 / asym 0.4 × 4 seeds: test accuracy −0.19 ± 0.18 points vs fp32
+        # (paired mean ± s.e.), epochs 1.3× faster on an AVX-512-BF16 CPU.
         Profile("mnist", "cnn_small", epochs=20, lr=0.05, batch_size=128, eval_batch_size=1024,
-                loss_table="cifar10"),
+                loss_table="cifar10", precision="bf16"),
         Profile("fashion_mnist", "cnn_small", epochs=30, lr=0.05, batch_size=128,
                 eval_batch_size=1024, loss_table="cifar10"),
         Profile("digits", "cnn_small", epochs=30, lr=0.05, batch_size=64, eval_batch_size=512,

@@ -177,7 +177,6 @@ def run_trial(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    bf16 = check_precision(cfg.precision, device)
     data = prepare_data(cfg)
     ds = data.dataset
 
@@ -188,6 +187,7 @@ def run_trial(
     net = torch.compile(model) if cfg.compile else model
     loss_fn = build_loss(cfg.loss, ds.num_classes, **cfg.loss_params)
     profile = get_profile(cfg.dataset)
+    bf16 = check_precision(cfg.precision, profile, device)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=cfg.lr,
@@ -262,6 +262,7 @@ def run_trial(
             "noise_realised": data.noise_rate,
             "epoch_seconds": time.perf_counter() - began,
             "diverged": float(diverged),
+            "bf16": float(bf16),
         }
         history.append(metrics)
         if report is not None:
@@ -358,16 +359,28 @@ def accuracy(model: torch.nn.Module, loader: Any, bf16: bool = False) -> float:
     return correct.item() / max(total, 1)
 
 
-def check_precision(precision: str, device: torch.device) -> bool:
-    """Whether to run bf16 autocast; UserError on a GPU without bf16."""
-    if precision != "bf16":
-        return False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+def check_precision(precision: str, profile: Profile, device: torch.device) -> bool:
+    """Whether to run bf16 autocast: as asked, or (`auto`) the profile's choice on a device with
+    fast bf16 — elsewhere autocast would emulate it, slower than fp32. UserError for bf16 on a GPU
+    without it."""
+    if precision == "auto":
+        return profile.precision == "bf16" and fast_bf16(device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-            "set precision: fp32"
+            "set precision: fp32 or auto"
         )
-    return True
+    return precision == "bf16"
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """CUDA with native bf16 (Ampere on), or a CPU whose oneDNN has bf16 kernels (AVX-512 BF16,
+    AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # oneDNN also "supports" bf16 on plain AVX-512 by emulation; only these instructions pay.
+    cpu = torch.cpu
+    return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
 
 
 def _state(

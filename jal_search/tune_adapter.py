@@ -320,8 +320,8 @@ class _Tracking(tune.Callback):
                     self.tracker.on_result(self.setting, trial_id, params, row)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        for trial_id, _, _ in unpack(trial.trial_id, trial.config):
-            last = self._last.pop(trial_id, None)
+        for trial_id, _, last in unpack(trial.trial_id, trial.config, trial.last_result or {}):
+            last = self._last.pop(trial_id, None) or last  # Tune's own for a plain trial
             if self.tracker:
                 record = TrialRecord(self.setting, trial_id, {}, [last] if last else [])
                 status = record.status(self.max_epochs, True)

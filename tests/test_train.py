@@ -17,6 +17,8 @@ from jal_search.profiles import get_profile
 from jal_search.train import (
     CheckpointError,
     EpochSums,
+    check_precision,
+    fast_bf16,
     load_checkpoint,
     make_scheduler,
     pick_device,
@@ -232,6 +234,7 @@ def test_bf16_runs_the_convolutions_in_bf16_and_keeps_the_loss_in_fp32():
 def test_a_bf16_trial_learns_like_an_fp32_one_and_is_not_the_same_run():
     fp32 = run_trial(TrialConfig(**DIGITS, loss="ce")).history
     bf16 = run_trial(TrialConfig(**DIGITS, loss="ce", precision="bf16")).history
+    assert fp32[0]["bf16"] == 0.0 and bf16[0]["bf16"] == 1.0
     assert bf16[0]["train_loss"] != fp32[0]["train_loss"]  # autocast really changed the numbers
     assert bf16[-1]["test_acc"] > 0.85
     assert bf16[-1]["test_acc"] == pytest.approx(fp32[-1]["test_acc"], abs=0.05)
@@ -250,3 +253,16 @@ def test_a_compiled_trial_gives_the_eager_trials_results():
         assert c["test_acc"] == pytest.approx(e["test_acc"], abs=0.01)
     # Checkpoints hold the model's own keys, loadable into an uncompiled model.
     assert not any(k.startswith("_orig_mod") for k in states[-1]["model"])
+
+
+def test_auto_precision_is_the_profiles_choice_where_the_cpu_has_bf16_instructions():
+    cpu = torch.device("cpu")
+    flags = set(open("/proc/cpuinfo").read().split())
+    has_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert fast_bf16(cpu) == has_bf16
+    assert check_precision("auto", get_profile("mnist"), cpu) == has_bf16  # measured: kept
+    assert not check_precision("auto", get_profile("cifar10"), cpu)  # not measured: fp32
+    assert not check_precision("fp32", get_profile("mnist"), cpu)
+    assert check_precision("bf16", get_profile("cifar10"), cpu)
+    history = run_trial(TrialConfig(dataset="mnist", train_subset=512, epochs=1)).history
+    assert history[0]["bf16"] == float(has_bf16)  # what ran is on record
