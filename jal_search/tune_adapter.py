@@ -42,6 +42,7 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # A setting stops (resumably) when less than this is free under the storage path: Tune rewrites
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
+RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -194,6 +195,7 @@ def run_setting(
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 callbacks=[
                     _StorageGuard(experiment_dir),
+                    _KeepResultsOnRestart(),
                     _Tracking(plan.name, spec.budget.epochs),
                 ],
                 progress_reporter=tune.CLIReporter(
@@ -271,6 +273,27 @@ class _StorageGuard(tune.Callback):
             return
         if free < STORAGE_RESERVE:
             raise _no_space(self.experiment_dir)
+
+
+class _KeepResultsOnRestart(tune.Callback):
+    """Uploads a restarting trial's result.json before Tune restores it from the upload.
+
+    Tune writes results on the driver, in a staging folder that a background sync copies to the
+    storage path, and a trial that restarts from a checkpoint (retried, or moved off a lost node)
+    gets its staging result.json replaced by the storage copy. A copy the sync had not refreshed
+    yet lost the epochs reported since (seen on a loaded machine: epochs 1-2 of a trial moved at
+    epoch 2). User callbacks run before Tune's loggers, so this upload lands just before.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not trial.checkpoint:
+            return  # a fresh start: Tune restores nothing
+        local = Path(trial.local_path, RESULT_FILE)
+        stored = Path(trial.storage.trial_fs_path, RESULT_FILE)  # experiments are local or NFS
+        if local.is_file() and local != stored and stored.parent.is_dir():
+            tmp = stored.with_name(f".{RESULT_FILE}.tmp")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, stored)
 
 
 def _no_space(experiment_dir: str) -> UserError:

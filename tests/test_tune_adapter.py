@@ -1,5 +1,7 @@
 """The Ray adapter's private cluster: what trial processes start with."""
 
+from types import SimpleNamespace
+
 import ray
 
 from jal_search import tune_adapter
@@ -24,3 +26,23 @@ def test_trial_processes_start_with_the_trial_environment():
     for key, value in tune_adapter.TRIAL_ENV.items():
         assert f"{key}={value}" in env
     assert "MALLOC_MMAP_THRESHOLD_" in tune_adapter.TRIAL_ENV
+
+
+def test_a_restarting_trial_uploads_its_results_before_tune_restores_them(tmp_path):
+    # Tune's Trial stands in as the three attributes the callback reads; the files are real.
+    staging, stored = tmp_path / "staging", tmp_path / "storage"
+    staging.mkdir()
+    stored.mkdir()
+    rows = '{"epoch": 1}\n{"epoch": 2}\n'
+    (staging / "result.json").write_text(rows)
+    (stored / "result.json").write_text("")  # the background sync had not caught up
+    trial = SimpleNamespace(
+        checkpoint=None, local_path=str(staging), storage=SimpleNamespace(trial_fs_path=str(stored))
+    )
+    keep = tune_adapter._KeepResultsOnRestart()
+    keep.on_trial_start(0, [], trial)  # a fresh start: Tune restores nothing, nor do we
+    assert (stored / "result.json").read_text() == ""
+    trial.checkpoint = object()  # a restart from a checkpoint
+    keep.on_trial_start(0, [], trial)
+    assert (stored / "result.json").read_text() == rows
+    assert sorted(p.name for p in stored.iterdir()) == ["result.json"]  # no temporary left
