@@ -132,14 +132,7 @@ def _old_style_step(model, loss_fn, optimizer, images, labels, l1, grad_clip, su
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    with torch.no_grad():
-        hits = logits.argmax(1) == noisy
-        flipped = noisy != clean
-        sums.loss += loss.detach()
-        sums.fit += hits.sum()
-        sums.memo += (hits & flipped).sum()
-        sums.wrong += flipped.sum()
-    sums.batches += 1
+    sums.add(logits, loss, noisy, clean)
 
 
 def _model_and_batch():
