@@ -23,7 +23,6 @@ from pickle import UnpicklingError
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet50 as tv_resnet50
 
 from jal_search.errors import UserError
 
@@ -198,7 +197,11 @@ def _resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
             "resize the images (224 in the paper) or choose model cnn_small"
         )
     # torchvision's own init (Kaiming-normal fan_out, zero-init last BN per block), as upstream.
-    return tv_resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
+    # Imported here: torchvision.models pulls in torch._dynamo, ~1.5 s of every trial process's
+    # start-up, for the one model that needs it.
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
 
 
 def _cnn_small(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -283,7 +286,7 @@ def load_pretrained_resnet50(path: str | Path, num_classes: int) -> nn.Module:
             f"pretrained weights file {path} cannot be read ({type(exc).__name__}): "
             "re-download or re-save it with torch.save(model.state_dict(), path)"
         ) from exc
-    model = tv_resnet50(weights=None)
+    model = _resnet50(1000, 3, 224)  # torchvision's own ImageNet architecture
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
