@@ -29,6 +29,7 @@ from mlflow_server import free_port
 
 BIN = Path(sys.executable).parent
 OBJECT_STORE_BYTES = 200 * 1024**2  # a smoke search needs little; the default is 30% of RAM
+NO_AGENT = "No available agent to submit job"  # Ray's transient refusal before its agent is up
 
 
 class RayCliCluster:
@@ -76,16 +77,25 @@ class RayCliCluster:
         return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
     def submit(self, *entrypoint: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """`ray job submit` and wait for the job; stdout and stderr together in `.stdout`."""
+        """`ray job submit` and wait for the job; stdout and stderr together in `.stdout`.
+
+        Right after `ray start` the head's job agent may not be up yet: Ray then refuses the
+        submission ("No available agent …, please try again later") and we try again.
+        """
         command = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--"]
-        return subprocess.run(
-            [*command, *entrypoint],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
+        deadline = time.monotonic() + 60
+        while True:
+            out = subprocess.run(
+                [*command, *entrypoint],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+            )
+            if NO_AGENT not in out.stdout or time.monotonic() > deadline:
+                return out
+            time.sleep(2)
 
     def stop(self) -> None:
         """SIGTERM every node, SIGKILL what is left after 5 s, then any stray process of ours."""
