@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -276,24 +277,38 @@ class _StorageGuard(tune.Callback):
 
 
 class _KeepResultsOnRestart(tune.Callback):
-    """Uploads a restarting trial's result.json before Tune restores it from the upload.
+    """Makes a restarting trial's result.json hold exactly the epochs up to its checkpoint.
 
     Tune writes results on the driver, in a staging folder that a background sync copies to the
-    storage path, and a trial that restarts from a checkpoint (retried, or moved off a lost node)
-    gets its staging result.json replaced by the storage copy. A copy the sync had not refreshed
-    yet lost the epochs reported since (seen on a loaded machine: epochs 1-2 of a trial moved at
-    epoch 2). User callbacks run before Tune's loggers, so this upload lands just before.
+    storage path, and a trial that restarts from a checkpoint (retried, moved off a lost node,
+    resumed) gets its staging result.json replaced by the storage copy. A copy the sync had not
+    refreshed lost the epochs reported since (seen on a loaded machine: epochs 1-2 of a trial
+    moved at epoch 2); a fresh one kept epochs reported after the checkpoint, which the trial
+    then reports again. So, just before Tune's logger restores the file (user callbacks run
+    first), the storage copy becomes the staging rows up to the checkpoint's epoch.
     """
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if not trial.checkpoint:
+        restored = trial.latest_checkpoint_result
+        if restored is None:
             return  # a fresh start: Tune restores nothing
         local = Path(trial.local_path, RESULT_FILE)
         stored = Path(trial.storage.trial_fs_path, RESULT_FILE)  # experiments are local or NFS
-        if local.is_file() and local != stored and stored.parent.is_dir():
-            tmp = stored.with_name(f".{RESULT_FILE}.tmp")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, stored)
+        if not local.is_file() or local == stored or not stored.parent.is_dir():
+            return
+        epoch = restored.metrics.get("epoch", math.inf)
+        kept = [line for line in local.read_text().splitlines() if _epoch(line) <= epoch]
+        tmp = stored.with_name(f".{RESULT_FILE}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, stored)
+
+
+def _epoch(line: str) -> float:
+    """A result line's epoch; inf for a line that is not one (half-written: dropped)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _no_space(experiment_dir: str) -> UserError:
