@@ -223,9 +223,34 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
         members = unpack(trial_dir.name, config)
         for k, (trial_id, params, _) in enumerate(members):
             history = [unpack(trial_dir.name, config, r)[k][2] for r in rows]
-            kept = [r for r in history if r is not None]
-            records.append(TrialRecord(setting, trial_id, params, _rewound(kept), error))
+            kept = _rewound([r for r in history if r is not None])
+            if kept and kept[0]["training_iteration"] > 1:
+                kept = _from_checkpoint(trial_dir, k, kept[0]["training_iteration"]) + kept
+            records.append(TrialRecord(setting, trial_id, params, kept, error))
     return records
+
+
+def _from_checkpoint(trial_dir: Path, member: int, first: int) -> list[dict[str, Any]]:
+    """Epochs before `first` from the trial's newest checkpoint, which carries its history.
+
+    Tune can drop the first rows of a trial's result.json when it restarts the trial elsewhere
+    (it restores the file from a storage copy its background sync had not refreshed); every
+    checkpoint holds the metrics of all epochs so far, so none is lost. [] if none is readable.
+    """
+    from jal_search.train import CheckpointError, load_checkpoint
+
+    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+        try:
+            state = load_checkpoint(folder)
+        except CheckpointError:
+            continue
+        history = state["histories"][member] if "histories" in state else state["history"]
+        return [
+            {**m, "training_iteration": int(m["epoch"]), "restored_from_checkpoint": True}
+            for m in history
+            if int(m["epoch"]) < first
+        ]
+    return []
 
 
 def _rewound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
