@@ -46,7 +46,7 @@ from jal_search.data import Augment, ImageSet, load_dataset, train_loader
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.profiles import get_profile
-from jal_search.train import EpochSums, check_precision, train_step
+from jal_search.train import EpochSums, autocast, check_precision, train_step
 
 # JAL-CE with the paper's CIFAR-10 parameters and its L1 rule for AMSE losses (SPEC §1.4, §1.6).
 ALPHA, BETA, A, L1 = 1.0, 1.0, 30.0, 5e-5
@@ -231,7 +231,7 @@ def floor(w: Workload, device: torch.device, bf16: bool) -> Callable[[], None]:
     def run() -> None:
         model.train()
         for _ in range(w.steps):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(images, bf16):
                 logits = model(images).float()
             loss = loss_fn(logits, targets)
             optimizer.zero_grad(set_to_none=True)

@@ -220,10 +220,9 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
                     row.pop("config", None)
                     rows.append(row)
         error = failures.get(trial_dir.name)
-        members = unpack(trial_dir.name, config)
-        for k, (trial_id, params, _) in enumerate(members):
-            history = [unpack(trial_dir.name, config, r)[k][2] for r in rows]
-            kept = _rewound([r for r in history if r is not None])
+        unpacked = [unpack(trial_dir.name, config, r) for r in rows]
+        for k, (trial_id, params, _) in enumerate(unpack(trial_dir.name, config)):
+            kept = _rewound([u[k][2] for u in unpacked if u[k][2] is not None])
             if kept and kept[0]["training_iteration"] > 1:
                 kept = _from_checkpoint(trial_dir, k, kept[0]["training_iteration"]) + kept
             records.append(TrialRecord(setting, trial_id, params, kept, error))

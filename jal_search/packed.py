@@ -63,6 +63,7 @@ from jal_search.train import (
     Metrics,
     TrialData,
     TrialResult,
+    autocast,
     check_precision,
     make_scheduler,
     pick_device,
@@ -182,8 +183,9 @@ def run_packed(
     ]
 
 
-# Packs that `jal-search evaluate` forms on its own stay at most this large: on CPU a member's
-# epoch costs 1.02×, 1.08×, 1.21× its cost alone at K = 2, 4, 8 (benchmarks/packed.py).
+# Packs that `jal-search evaluate` forms on its own stay at most this large: a pack's members
+# train in one process, one after the other's step, so a larger pack trades wall time for CPU time
+# (on CPU a member's epoch costs 1.00×, 1.06×, 1.04× its cost alone at K = 2, 4, 8).
 AUTO_PACK_MAX = 4
 
 
@@ -439,7 +441,7 @@ class _Step:
         self.pack.train()
         for images, labels in batches:
             noisy, clean = labels[..., 0], labels[..., 1]  # (K, B) each
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with autocast(images, self.bf16):
                 logits = self.pack(images).float()
             loss = torch.stack([fn(logits[i], noisy[i]) for i, fn in enumerate(self.losses)])
             self.optimizer.zero_grad()
@@ -575,7 +577,7 @@ def _accuracies(pack: Pack, loader: Loader, bf16: bool) -> list[float]:
         for images, labels in loader.batches(0):
             # K members see each image: split the batch so a pass holds about one batch's worth.
             chunk = math.ceil(len(images) / pack.k)
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(images, bf16):
                 parts = [pack(pack.repeat(x)).argmax(-1) for x in images.split(chunk)]
             predicted = torch.cat(parts, 1)
             target = labels.T if labels.ndim == 2 else labels

@@ -330,7 +330,7 @@ def train_step(
     a cnn_small step, ~2% of a cnn_cifar one). `sums.loss` gets the loss without the L1 term.
     """
     noisy, clean = labels[:, 0], labels[:, 1]
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(images, bf16):
         logits = model(images).float()  # the loss in fp32 (a no-op without autocast)
     loss = loss_fn(logits, noisy)
     optimizer.zero_grad(set_to_none=True)
@@ -358,11 +358,16 @@ def accuracy(model: torch.nn.Module, loader: Any, bf16: bool = False) -> float:
     total = 0
     with torch.inference_mode():
         for images, labels in loader.batches(0):
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(images, bf16):
                 predicted = model(images).argmax(1)
             correct = correct.to(labels.device) + (predicted == labels).sum()
             total += len(labels)
     return correct.item() / max(total, 1)
+
+
+def autocast(images: torch.Tensor, bf16: bool) -> torch.autocast:
+    """The forward's precision context: bf16 autocast on the images' device, or a no-op."""
+    return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def check_precision(precision: str, profile: Profile, device: torch.device) -> bool:
