@@ -223,18 +223,18 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
         unpacked = [unpack(trial_dir.name, config, r) for r in rows]
         for k, (trial_id, params, _) in enumerate(unpack(trial_dir.name, config)):
             kept = _rewound([u[k][2] for u in unpacked if u[k][2] is not None])
-            if kept and kept[0]["training_iteration"] > 1:
-                kept = _from_checkpoint(trial_dir, k, kept[0]["training_iteration"]) + kept
+            if [r["training_iteration"] for r in kept] != list(range(1, len(kept) + 1)):
+                kept = _with_gaps_filled(kept, _checkpoint_history(trial_dir, k))
             records.append(TrialRecord(setting, trial_id, params, kept, error))
     return records
 
 
-def _from_checkpoint(trial_dir: Path, member: int, first: int) -> list[dict[str, Any]]:
-    """Epochs before `first` from the trial's newest checkpoint, which carries its history.
+def _checkpoint_history(trial_dir: Path, member: int) -> list[dict[str, Any]]:
+    """The metrics of every epoch so far, from the trial's newest readable checkpoint; [] if none.
 
-    Tune can drop the first rows of a trial's result.json when it restarts the trial elsewhere
-    (it restores the file from a storage copy its background sync had not refreshed); every
-    checkpoint holds the metrics of all epochs so far, so none is lost. [] if none is readable.
+    Tune can lose rows of a trial's result.json when it restarts the trial (moved off a lost
+    node, retried): it restores the file from the storage copy, which a background sync may be
+    rewriting at that moment. Every checkpoint holds the whole history, so no epoch is lost.
     """
     from jal_search.train import CheckpointError, load_checkpoint
 
@@ -243,13 +243,23 @@ def _from_checkpoint(trial_dir: Path, member: int, first: int) -> list[dict[str,
             state = load_checkpoint(folder)
         except CheckpointError:
             continue
-        history = state["histories"][member] if "histories" in state else state["history"]
-        return [
-            {**m, "training_iteration": int(m["epoch"]), "restored_from_checkpoint": True}
-            for m in history
-            if int(m["epoch"]) < first
-        ]
+        return state["histories"][member] if "histories" in state else state["history"]
     return []
+
+
+def _with_gaps_filled(
+    rows: list[dict[str, Any]], history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rows` with the epochs missing before their last one taken from `history`, in epoch order;
+    restored rows are marked `restored_from_checkpoint` (they lack Tune's fields, e.g. node_id)."""
+    present = {r["training_iteration"] for r in rows}
+    last = max(present)
+    restored = [
+        {**m, "training_iteration": int(m["epoch"]), "restored_from_checkpoint": True}
+        for m in history
+        if int(m["epoch"]) not in present and int(m["epoch"]) < last
+    ]
+    return sorted(rows + restored, key=lambda r: r["training_iteration"])
 
 
 def _rewound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -91,12 +91,14 @@ def test_trials_spread_over_nodes_and_survive_losing_one(cluster, mlflow, tmp_pa
     setting = read_manifest(path)["settings"][0]
     assert setting["status"] == "done" and setting["failures"] == {}
     trials = read_trials(path, "symmetric-0.4", {})
-    assert len(trials) == 5 and all(len(t.history) == EPOCHS for t in trials)
-    assert len({row["node_id"] for t in trials for row in t.history}) >= 2  # spread over nodes
+    every_epoch = list(range(1, EPOCHS + 1))
+    assert len(trials) == 5
+    assert all([row["training_iteration"] for row in t.history] == every_epoch for t in trials)
+    # The watcher saw the moved trial train on the victim; it finished elsewhere. Rows Tune lost
+    # while moving it come back from its checkpoint, without a node_id.
     moved = next(t for t in trials if t.trial_id == removed["trial"])
-    lines = (runs / moved.trial_id / "result.json").read_text().splitlines()
-    nodes = [yaml.safe_load(line)["node_id"] for line in lines]
-    epochs = [yaml.safe_load(line)["training_iteration"] for line in lines]
-    switch = next(i for i, n in enumerate(nodes) if n != victim.node_id and i > 0)
-    assert epochs[switch] > 1  # continued from a checkpoint, not from scratch
-    assert epochs[switch] <= epochs[switch - 1] + 1  # and without skipping an epoch
+    victim_id = victim.node_id
+    elsewhere = [
+        r["training_iteration"] for r in moved.history if r.get("node_id", victim_id) != victim_id
+    ]
+    assert elsewhere and elsewhere[0] > 1  # continued from a checkpoint, not from scratch

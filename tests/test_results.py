@@ -481,8 +481,13 @@ def test_exported_config_reruns_the_trial_exactly(path, tmp_path):
     ]
 
 
-def test_epochs_missing_from_the_start_of_result_json_come_back_from_the_checkpoint(tmp_path):
-    # As Tune can leave it after moving a trial off a lost node: rows 1-2 gone from result.json.
+@pytest.mark.parametrize(
+    ("lost", "restored"),
+    [((1, 2), [True, True, False, False]), ((3,), [False, False, True, False])],
+    ids=["from-the-start", "in-the-middle"],
+)
+def test_epochs_missing_from_result_json_come_back_from_the_checkpoint(lost, restored, tmp_path):
+    # As Tune can leave it after moving a trial off a lost node: rows gone from result.json.
     from jal_search.experiment import read_trials
     from jal_search.train import save_checkpoint
 
@@ -490,13 +495,15 @@ def test_epochs_missing_from_the_start_of_result_json_come_back_from_the_checkpo
     trial.mkdir(parents=True)
     (trial / "params.json").write_text('{"alpha": 2.0}')
     history = [{"epoch": float(e), "val_acc": e / 10, "test_acc": e / 20} for e in (1, 2, 3, 4)]
-    rows = [{**m, "training_iteration": int(m["epoch"]), "node_id": "n2"} for m in history[2:]]
+    rows = [
+        {**m, "training_iteration": int(m["epoch"]), "node_id": "n2"}
+        for m in history
+        if m["epoch"] not in lost
+    ]
     (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_checkpoint({"epoch": 4, "history": history}, trial / "checkpoint_000003")
     save_checkpoint({"epoch": 2, "history": history[:2]}, trial / "checkpoint_000001")
     (record,) = read_trials(tmp_path, "symmetric-0.4", {})
     assert [r["training_iteration"] for r in record.history] == [1, 2, 3, 4]
     assert [r["val_acc"] for r in record.history] == [0.1, 0.2, 0.3, 0.4]
-    assert [r.get("restored_from_checkpoint", False) for r in record.history] == [
-        True, True, False, False
-    ]  # fmt: skip
+    assert [r.get("restored_from_checkpoint", False) for r in record.history] == restored
