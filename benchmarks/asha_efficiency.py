@@ -7,39 +7,41 @@ prefixes of these curves — and records each trial's per-epoch `val_acc`. ASHA 
 replayed on those curves with as many trials as the grid has configurations, configured as
 `tune_adapter` configures a real search: every stop decision comes from Ray's own
 `ASHAScheduler` (`_scheduler`'s arguments: max_t = the epochs, one bracket, stop_last_trials); TPE
-is Optuna's TPESampler as Ray's OptunaSearch builds it (seeded, 10 startup trials, the paper's
-config first when it lies on the grid, early-stopped trials told as PRUNED as
-`PruningAwareOptunaSearch` does); trials run two at a time (quick.yaml's max_concurrent_trials on
-2 CPUs) and every epoch takes the same time, so ASHA sees results in the order a real search
-delivers them and a freed slot asks TPE at once. A replayed trial costs the epochs it ran.
-Flags change the schedules, seeds, concurrency, brackets, TPE's startup trials and the paper's
-config going first; replaying is cheap, so they can be explored on one grid.
+is `tune_adapter.JalOptunaSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
+10 startup trials, the paper's config first when it lies on the grid, early-stopped trials told
+as PRUNED, no config trained twice); trials run two at a time (quick.yaml's
+max_concurrent_trials on 2 CPUs) and every epoch takes the same time, so ASHA sees results in
+the order a real search delivers them and a freed slot asks TPE at once. A replayed trial costs
+the epochs it ran. Flags change the schedules, seeds, concurrency, brackets, TPE's startup
+trials, the paper's config going first and whether TPE may re-propose a tried config (as Ray's
+own OptunaSearch lets it); replaying is cheap, so they can be explored on one grid.
 
 "Best found" is the highest last-epoch val_acc among trials that reached the maximum epochs (the
 rule `results.best` applies). Target: within 0.5 point of the grid's best with ≤ 25% of its
 epochs; the script prints, per (grace period, reduction factor), the median over TPE seeds.
-Findings (48 configs × 20 epochs, 10 seeds; README has the table): the landscape is flat (13 of
-48 configs end within 0.25 point of the best; val_acc is scored on noisy labels), so every
-schedule finds the best within 0.05 point, and what separates schedules is epochs. Grace 1 beats
-grace 2 and 3 everywhere, and rf 6 (rungs at epochs 1 and 6) is cheapest: 0.255 of the grid's
-epochs with TPE as Ray builds it (5 of 10 seeds meet the target), 0.142 with random sampling
-(`--startup 48`: TPE's startup trials are random; 10 of 10 seeds). TPE spends more because it
-keeps proposing configs that clear every rung — on this grid it proposes the same best few again
-and again — while ASHA's savings assume configs drawn alike. Startup 5 or 20, concurrency 1,
-2 brackets (tried on a 24-config sub-grid) and stop_last_trials=False (same decisions) do not help.
+Findings (48 configs × 20 epochs, 10 seeds; benchmarks/README.md has the table): the landscape
+is flat (13 of 48 configs end within 0.25 point of the best; val_acc is scored on noisy labels),
+so every schedule finds the best within 0.05 point, and what separates schedules is epochs.
+Grace 1 beats grace 2 and 3 everywhere, and rf 6 (rungs at epochs 1 and 6) is cheapest: 0.132
+of the grid's epochs (10 of 10 seeds meet the target). With repeats (`--with-repeats`) TPE
+spends 0.255 (5 of 10 seeds): it keeps proposing the best few configs, and each repeat clears
+every rung. Random sampling (`--startup 48`: TPE's startup trials are random) spends 0.134.
+Startup 5 or 20, concurrency 1, 2 brackets (tried on a 24-config sub-grid) and
+stop_last_trials=False (same decisions) do not help.
 
     .venv/bin/python benchmarks/asha_efficiency.py --short   # digits, tiny grid, seconds
     .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json
         # MNIST 20k, 48 configs × 20 epochs: ~1 h on 2 shared CPUs, then a minute of replays;
         # the curves are kept in grid20.json (and grid20.json.partial while training)
-    .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json --startup 48
-        # replays only (a minute): here random sampling (every trial a startup trial)
+    .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json --with-repeats
+        # replays only (a minute): here TPE as Ray's own OptunaSearch runs it
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import statistics
@@ -156,6 +158,7 @@ class Options:
     stop_last_trials: bool = True  # ASHAScheduler(stop_last_trials=...)
     startup: int = 10  # TPESampler(n_startup_trials=...); 10 is Optuna's default, what Ray builds
     paper_first: bool = True  # the paper's config as the first trial when it lies on the grid
+    with_repeats: bool = False  # let TPE re-propose tried configs, as Ray's own OptunaSearch does
 
 
 def replay(
@@ -177,16 +180,32 @@ def replay(
 
     import numpy as np
     import optuna
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jal_search.tune_adapter import JalOptunaSearch
+
+    class WithRepeats(JalOptunaSearch):  # Ray's suggest: TPE may propose a tried config again
+        def suggest(self, trial_id: str) -> dict | None:
+            return OptunaSearch.suggest(self, trial_id)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Ray warns that the space is given to the searcher and that the sampler carries the seed:
+    # both are on purpose here (no Tuner; `seed` also seeds the searcher's untried fallback).
+    logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
     np.random.seed(seed)  # ASHA draws each trial's bracket from NumPy's global generator
     keys = list(setup.grid)
-    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in setup.grid.items()}
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup)
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    if options.paper_first and all(PAPER[k] in setup.grid[k] for k in keys):
-        study.enqueue_trial({k: PAPER[k] for k in keys})  # OptunaSearch(points_to_evaluate=...)
+    paper = options.paper_first and all(PAPER[k] in setup.grid[k] for k in keys)
+    searcher = (WithRepeats if options.with_repeats else JalOptunaSearch)(
+        setup.max_epochs,
+        space={k: tune.choice(v) for k, v in setup.grid.items()},
+        metric="val_acc",
+        mode="max",
+        points_to_evaluate=[{k: PAPER[k] for k in keys}] if paper else None,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup),
+        seed=seed,
+    )
     scheduler = ASHAScheduler(  # as tune_adapter._scheduler builds it
         time_attr="training_iteration",
         metric="val_acc",
@@ -199,15 +218,15 @@ def replay(
     )
     trials = len(curves)
     queue: list[tuple[int, int, int]] = []  # (time of the next result, trial number, its epoch)
-    running: dict[int, tuple[SimpleNamespace, optuna.trial.Trial, list[float]]] = {}
+    running: dict[int, tuple[SimpleNamespace, list[float]]] = {}
 
     def start(now: int) -> None:
         nonlocal started
         n, started = started, started + 1
-        trial = study.ask(space)
+        config = searcher.suggest(str(n))
         tune_trial = SimpleNamespace(trial_id=str(n))
         scheduler.on_trial_add(None, tune_trial)
-        running[n] = (tune_trial, trial, curves[tuple(trial.params[k] for k in keys)])
+        running[n] = (tune_trial, curves[tuple(config[k] for k in keys)])
         heapq.heappush(queue, (now + 1, n, 1))
 
     started = 0
@@ -216,22 +235,20 @@ def replay(
         start(0)
     while queue:
         now, n, epoch = heapq.heappop(queue)
-        tune_trial, trial, curve = running[n]
+        tune_trial, curve = running[n]
         value = curve[epoch - 1]
         result = {"training_iteration": epoch, "val_acc": value}
-        trial.report(value, epoch)  # OptunaSearch.on_trial_result
+        searcher.on_trial_result(str(n), result)
         spent += 1
         stop = scheduler.on_trial_result(None, tune_trial, result) == "STOP"
         if epoch < setup.max_epochs and not stop:
             heapq.heappush(queue, (now + 1, n, epoch + 1))
             continue
         scheduler.on_trial_complete(None, tune_trial, result)
+        searcher.on_trial_complete(str(n), result)  # stopped early: told as PRUNED
         del running[n]
         if epoch >= setup.max_epochs:
-            study.tell(trial, value)
             finished.append(value)
-        else:  # PruningAwareOptunaSearch: stopped early -> PRUNED
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         if started < trials:
             start(now)
     return Replay(spent, max(finished, default=-math.inf))
@@ -265,6 +282,9 @@ def main() -> None:
     p.add_argument(
         "--no-paper-first", action="store_true", help="don't start from the paper's config"
     )
+    p.add_argument(
+        "--with-repeats", action="store_true", help="let TPE re-propose tried configs (Ray's own)"
+    )
     args = p.parse_args()
     setup = SHORT if args.short else FULL
     setup = replace(
@@ -275,6 +295,7 @@ def main() -> None:
         brackets=args.brackets,
         startup=args.startup,
         paper_first=not args.no_paper_first,
+        with_repeats=args.with_repeats,
     )
     workers = 1 if args.short else args.workers or os.cpu_count() or 1
     began = time.perf_counter()

@@ -453,13 +453,23 @@ def _num_classes(dataset: str) -> int:
     return known[dataset]
 
 
-def grid_size(spec: SearchSpec) -> int:
-    choices = [p.choice for p in spec.space.values() if p.choice is not None]
-    return math.prod(len(c) for c in choices) if choices else 1
+def space_size(space: dict[str, Param]) -> int | None:
+    """How many distinct configs `space` holds; None when a parameter is a range."""
+    if any(p.choice is None and p.fixed is None for p in space.values()):
+        return None
+    return math.prod(len(p.choice or [p.fixed]) for p in space.values())
 
 
-def trials_per_setting(spec: SearchSpec) -> int:
-    return grid_size(spec) if spec.searcher.type == "grid" else spec.budget.trials
+def trials_per_setting(spec: SearchSpec, space: dict[str, Param] | None = None) -> int:
+    """Trials a setting runs: a grid's size; otherwise the budget, and for Optuna no more than
+    `space` (the setting's own, narrowed by AMSE's bound; default the spec's) holds: it never
+    trains a config twice."""
+    size = space_size(spec.space if space is None else space)
+    if spec.searcher.type == "grid":
+        return size or 1
+    if spec.searcher.type == "optuna" and size is not None:
+        return min(spec.budget.trials, size)
+    return spec.budget.trials
 
 
 def describe(spec: SearchSpec) -> str:

@@ -123,6 +123,23 @@ def test_a_second_run_of_the_same_experiment_is_refused(local_ray, tmp_path, cap
     assert "already exists" in capsys.readouterr().err
 
 
+def test_optuna_on_a_finite_space_runs_each_config_once(local_ray, tmp_path):
+    # 4 configs and a budget of 6: TPE would re-propose good configs; each runs once, then stop.
+    spec = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
+    spec.update(
+        noise={"symmetric": [0.4]},
+        space={"alpha": {"choice": [1.0, 10.0]}, "beta": {"choice": [0.1, 1.0]}, "a": 30.0},
+        budget={"trials": 6, "epochs": 2},
+    )
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    path = search.run(str(tmp_path / "s.yaml"), storage_path=str(tmp_path / "r"))
+    (setting,) = read_manifest(path)["settings"]
+    assert setting["status"] == "done"
+    trials = read_trials(path, setting["name"], setting["failures"])
+    configs = sorted((t.config["alpha"], t.config["beta"]) for t in trials)
+    assert configs == [(1.0, 0.1), (1.0, 1.0), (10.0, 0.1), (10.0, 1.0)]
+
+
 def finished(path: Path, epochs: int) -> dict[str, list[str]]:
     """Trials whose result.json reached the last epoch, with their lines."""
     done = {}

@@ -1,9 +1,11 @@
-"""The Ray adapter's private cluster: what trial processes start with."""
+"""The Ray adapter: its private cluster's trial processes, its Tune callbacks and searcher."""
 
 import json
 from types import SimpleNamespace
 
+import optuna
 import ray
+from ray import tune
 
 from jal_search import tune_adapter
 
@@ -50,3 +52,45 @@ def test_a_restarting_trial_gets_the_results_up_to_its_checkpoint(tmp_path):
     keep.on_trial_start(0, [], trial)
     assert (stored / "result.json").read_text() == rows[0] + "\n" + rows[1] + "\n"
     assert sorted(p.name for p in stored.iterdir()) == ["result.json"]  # no temporary left
+
+
+def _searcher(sampler: optuna.samplers.BaseSampler) -> tune_adapter.JalOptunaSearch:
+    space = {"alpha": tune.choice([1.0, 10.0]), "a": tune.choice([5.0, 15.0, 30.0])}
+    return tune_adapter.JalOptunaSearch(
+        4, space=space, metric="val_acc", mode="max", sampler=sampler, seed=0
+    )
+
+
+def _finish(searcher: tune_adapter.JalOptunaSearch, trial_id: str, config: dict) -> None:
+    value = config["alpha"] / 100 + config["a"] / 1000  # each config its own score
+    for epoch in (1, 2, 3, 4):
+        searcher.on_trial_result(trial_id, {"training_iteration": epoch, "val_acc": value})
+    searcher.on_trial_complete(trial_id, {"training_iteration": 4, "val_acc": value})
+
+
+def test_optuna_on_a_finite_space_never_trains_a_config_twice():
+    # A sampler that always proposes the same config: every draw after the first is a repeat,
+    # so each trial needs the redraws and then the untried fallback.
+    stuck = optuna.samplers.PartialFixedSampler(
+        {"alpha": 10.0, "a": 30.0}, optuna.samplers.RandomSampler(seed=0)
+    )
+    searcher = _searcher(stuck)
+    running = searcher.suggest("t0")
+    seen = [running]
+    for n in range(1, 6):  # one trial always running, as with two at a time
+        config = searcher.suggest(f"t{n}")
+        assert config not in seen  # neither a finished config nor the running one
+        seen.append(config)
+        _finish(searcher, f"t{n - 1}", seen[n - 1])
+    assert len(seen) == 6  # the whole space, in 6 trials
+    # Repeated draws were told their twin's outcome: a finished twin's value, or pruned while the
+    # twin still ran; none is a value Optuna was not shown by a real trial.
+    real = {json.dumps(c, sort_keys=True) for c in seen}
+    study = searcher._ot_study
+    for trial in study.trials:
+        if trial.state.name == "COMPLETE":
+            twin = next(t for t in study.trials if t.params == trial.params)
+            assert trial.value == twin.value
+        assert json.dumps(trial.params, sort_keys=True) in real
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) > 5  # repeats were told
+
