@@ -93,4 +93,3 @@ def test_optuna_on_a_finite_space_never_trains_a_config_twice():
             assert trial.value == twin.value
         assert json.dumps(trial.params, sort_keys=True) in real
     assert sum(t.state.name == "COMPLETE" for t in study.trials) > 5  # repeats were told
-
