@@ -79,7 +79,7 @@ def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
 def _add_run(verbs: Any) -> None:
     p = verbs.add_parser(
         "run",
-        help="run a search: one Tune experiment per noise setting",
+        help="run a search: every noise setting, each with its own searcher and scheduler",
         description="Run a search spec (a YAML file, or a shipped spec name: see `spaces`).",
     )
     p.add_argument("spec", nargs="?", default="quick", help="spec file or name (default: quick)")

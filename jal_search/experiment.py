@@ -4,10 +4,11 @@ Layout under `<storage_path>/<name>/`:
 
     experiment.json       the manifest: spec, noise settings (+ AMSE bound, status), versions
     .lock                 held by the driver that runs or resumes the search
-    <setting>/            one Tune experiment per noise setting (e.g. symmetric-0.4)
+    experiment_state-*.json, tuner.pkl, searcher-state-*.pkl, …   Tune's (one experiment)
+    <setting>/            one folder per noise setting (e.g. symmetric-0.4)
         <trial_id>/result.json   one JSON line per epoch (metrics, config, training_iteration)
 
-Failed trials are listed in the manifest (`failures`, trial id → reason) once their setting ends:
+Failed trials are listed in the manifest (`failures`, trial id → reason) once the search ends:
 Tune's own `error.txt` also appears for trials that failed and then succeeded on retry.
 
 Tune's per-trial files are the source of truth for results and for MLflow sync: they are written
@@ -174,6 +175,8 @@ class TrialRecord:
 # parameters under MEMBERS, and each result row their metrics under MEMBERS, keyed "0", "1", ….
 # Everywhere downstream (results, MLflow) each member is a trial of its own, `<trial id>-m<k>`.
 MEMBERS = "members"
+# The config key naming a trial's noise setting: one Tune experiment runs every setting.
+SETTING = "setting"
 
 
 def unpack(
@@ -186,7 +189,7 @@ def unpack(
     """
     members = config.get(MEMBERS)
     if members is None:
-        return [(trial_id, config, row)]
+        return [(trial_id, {k: v for k, v in config.items() if k != SETTING}, row)]
     shared = None if row is None else {k: v for k, v in row.items() if k != MEMBERS}
     out = []
     for k, params in enumerate(members):

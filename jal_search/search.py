@@ -1,10 +1,11 @@
-"""The search driver: one Tune experiment per noise setting, run one after another.
+"""The search driver: every noise setting in one Tune experiment, settings one after another.
 
-Settings run sequentially so each gets the whole cluster; within a setting, trials run
-concurrently (`max_concurrent_trials`, resources per trial). A setting is marked done in the
-manifest only when its Tune experiment has finished, so `resume` restores exactly the unfinished
-ones: finished trials are never rerun, unfinished ones continue from their last checkpoint, and
-the searcher's state (Optuna study, ASHA rungs) comes back with Tune's own restore.
+Each setting has its own searcher and scheduler; its trials are started once the previous
+setting's have all been started, so they fill the slots its last trials leave idle, and trials
+run concurrently up to `max_concurrent_trials` (resources per trial). A setting is marked running
+when its first trial starts and done when the whole search has finished; `resume` restores the
+Tune experiment: finished trials are never rerun, unfinished ones continue from their last
+checkpoint, and the searchers' state (Optuna studies) comes back with Tune's own restore.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from jal_search import experiment as exp
 from jal_search import results
 from jal_search.errors import UserError
 from jal_search.spec import SearchSpec, SettingPlan, load_spec, parse_spec, plan
+
+# A file Tune writes where its experiment is: the experiment folder (older versions ran a Tune
+# experiment in each noise setting's folder).
+TUNE_STATE = "tuner.pkl"
 
 
 def run(
@@ -101,6 +106,12 @@ def resume(
     """Finish an interrupted search: unfinished settings continue where they stopped."""
     path = exp.find_experiment(ref)
     manifest = exp.read_manifest(path)
+    if any((path / s["name"] / TUNE_STATE).is_file() for s in manifest["settings"]):
+        raise UserError(
+            f"{path}: made by an older jal-search (one Tune experiment per noise setting), which "
+            "this version cannot resume; finish it with that version, or run the spec again "
+            "under a new --name"
+        )
     raw = manifest["spec"] | ({"tracking_uri": tracking_uri} if tracking_uri else {})
     spec = parse_spec(raw, where="experiment.json")
     with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
@@ -223,15 +234,21 @@ def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any)
     from jal_search import tune_adapter
 
     tracker.start(exp.read_manifest(path), background=True)
-    done = {s["name"] for s in exp.read_manifest(path)["settings"] if s["status"] == "done"}
-    for p in plans:
-        if p.name in done:
-            continue
-        print(f"\n=== noise setting {p.name} ===", flush=True)
-        exp.update_setting(path, p.name, status="running")
-        outcomes = tune_adapter.run_setting(spec, p, str(path), tracker=tracker, resume=True)
-        failures = {o["trial_id"]: o["error"] for o in outcomes if o["error"]}
-        exp.update_setting(path, p.name, status="done", failures=failures)
+    if any(s["status"] != "done" for s in exp.read_manifest(path)["settings"]):
+        started: set[str] = set()
+
+        def on_setting_start(name: str) -> None:
+            if name not in started:
+                started.add(name)
+                print(f"\n=== noise setting {name} ===", flush=True)
+                exp.update_setting(path, name, status="running")
+
+        outcomes = tune_adapter.run_search(
+            spec, plans, str(path), tracker=tracker, on_setting_start=on_setting_start
+        )
+        for name, trials in outcomes.items():
+            failures = {o["trial_id"]: o["error"] for o in trials if o["error"]}
+            exp.update_setting(path, name, status="done", failures=failures)
         _sync_quietly(tracker, path)
     print(summary_table(path))
 

@@ -207,7 +207,7 @@ class SearchSpec(_Strict):
 
 
 class SettingPlan(_Strict):
-    """What one noise setting's Tune experiment searches."""
+    """What one noise setting searches (its own searcher and scheduler in the Tune experiment)."""
 
     setting: NoiseSetting
     space: dict[str, Param]
@@ -511,16 +511,21 @@ def _show(p: Param) -> str:
     return f"choice{p.choice}" if p.choice is not None else f"{p.fixed:g}"
 
 
-def packs(spec: SearchSpec, p: SettingPlan) -> list[list[dict[str, float]]]:
-    """A packed search's configs, `spec.pack` per pack: every point of the grid, or (random) the
+def fixed_configs(spec: SearchSpec, p: SettingPlan) -> list[dict[str, float]]:
+    """A grid or random search's configs, chosen up front: every point of the grid, or the
     paper's point followed by seeded samples of the space, `budget.trials` in all."""
     if spec.searcher.type == "grid":
-        points = grid_points(p.space)
-    else:
-        rng = random.Random(f"{spec.searcher.seed}/{p.name}")
-        points = p.points_to_evaluate[: spec.budget.trials]
-        while len(points) < spec.budget.trials:
-            points.append({k: _sample(v, rng) for k, v in p.space.items()})
+        return grid_points(p.space)
+    rng = random.Random(f"{spec.searcher.seed}/{p.name}")
+    points = p.points_to_evaluate[: spec.budget.trials]
+    while len(points) < spec.budget.trials:
+        points.append({k: _sample(v, rng) for k, v in p.space.items()})
+    return points
+
+
+def packs(spec: SearchSpec, p: SettingPlan) -> list[list[dict[str, float]]]:
+    """A packed search's configs (`fixed_configs`), `spec.pack` per pack."""
+    points = fixed_configs(spec, p)
     return [points[i : i + spec.pack] for i in range(0, len(points), spec.pack)]
 
 

@@ -1,8 +1,9 @@
 """The only module that calls Ray. Ray's API moves quickly; everything it touches is here.
 
 - `connect` starts a private local Ray or attaches to a cluster;
-- `run_setting` runs (or resumes) one noise setting's Tune experiment: OptunaSearch/random/grid,
-  ASHA on epochs, per-epoch checkpoints, retries from the last checkpoint;
+- `run_search` runs (or resumes) a search's Tune experiment: every noise setting with its own
+  searcher (Optuna TPE, random, grid, packs) and scheduler (ASHA on epochs), per-epoch
+  checkpoints, retries from the last checkpoint;
 - the trainable wraps `train.run_trial`, turning its `report(metrics, state)` hook into
   `tune.report(metrics, checkpoint=...)`.
 """
@@ -15,12 +16,13 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -31,14 +33,21 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import MEMBERS, TrialRecord, unpack
-from jal_search.spec import Param, SearchSpec, SettingPlan, packs, trials_per_setting
+from jal_search.experiment import MEMBERS, SETTING, TrialRecord, unpack
+from jal_search.spec import (
+    Param,
+    SearchSpec,
+    SettingPlan,
+    fixed_configs,
+    packs,
+    trials_per_setting,
+)
 from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
 
 METRIC, MODE = "val_acc", "max"
@@ -155,56 +164,64 @@ def check_resources(spec: SearchSpec, cluster: Cluster) -> None:
         )
 
 
-def run_setting(
+def run_search(
     spec: SearchSpec,
-    plan: SettingPlan,
+    plans: Sequence[SettingPlan],
     experiment_dir: str,
     tracker: Any = None,
-    resume: bool = False,
-) -> list[dict[str, Any]]:
-    """Run or resume one noise setting's Tune experiment.
+    on_setting_start: Callable[[str], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run, or resume, every noise setting of a search as one Tune experiment.
 
-    Returns one entry per trial: its id, its final error (None unless it finally failed) and its
-    last reported metrics. Raises KeyboardInterrupt when Tune stopped early on Ctrl-C (it saves
-    its state and returns normally), so the caller never mistakes a stopped setting for a
-    finished one; `resume` continues it.
+    Each setting keeps its own searcher and scheduler (`_BySetting`, `_SchedulerBySetting`);
+    trials are suggested setting after setting, so a setting's last trials share the cluster
+    with the next setting's first ones instead of leaving slots idle, and one set of actors
+    serves them all. Trial folders are `<experiment>/<setting>/<trial id>`; Tune's own state sits
+    in the experiment folder. `on_setting_start(name)` is called as each of a setting's trials
+    starts.
+
+    Returns, per setting, one entry per Tune trial: its id, its final error (None unless it
+    finally failed) and its last reported metrics. Raises KeyboardInterrupt when Tune stopped
+    early on Ctrl-C (it saves its state and returns normally), so the caller never mistakes a
+    stopped search for a finished one; calling it again resumes.
     """
     trainable = tune.with_resources(
-        tune.with_parameters(_packed_trainable if spec.pack > 1 else _trainable, plan=plan),
+        tune.with_parameters(
+            _packed_trainable if spec.pack > 1 else _trainable, plans={p.name: p for p in plans}
+        ),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
-    path = str(Path(experiment_dir) / plan.name)  # experiments are local or NFS paths
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    path = Path(experiment_dir)  # experiments are local or NFS paths
+    counts = {p.name: _trial_count(spec, p) for p in plans}
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(
+            str(path), trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_param_space(spec, plan),
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=_searcher(spec, plan),
-                scheduler=_scheduler(spec),
-                num_samples=1
-                if spec.searcher.type == "grid" or spec.pack > 1
-                else _trial_count(spec, plan),
+                search_alg=_BySetting({p.name: _searcher(spec, p) for p in plans}, counts),
+                scheduler=_SchedulerBySetting({p.name: _scheduler(spec) for p in plans}),
+                num_samples=sum(counts.values()),
                 max_concurrent_trials=spec.max_concurrent_trials,
                 reuse_actors=True,
-                trial_dirname_creator=lambda trial: trial.trial_id,
                 trial_name_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
-                name=plan.name,
-                storage_path=experiment_dir,
+                name=path.name,
+                storage_path=str(path.parent),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 callbacks=[
                     _StorageGuard(experiment_dir),
                     _KeepResultsOnRestart(),
-                    _Tracking(plan.name, spec.budget.epochs),
+                    _Tracking(spec.budget.epochs),
                 ],
                 progress_reporter=tune.CLIReporter(
-                    parameter_columns=[] if spec.pack > 1 else list(plan.space),
+                    parameter_columns=[SETTING] + ([] if spec.pack > 1 else list(plans[0].space)),
                     metric_columns={"training_iteration": "epochs", **PROGRESS_METRICS},
                     max_report_frequency=30,
                     sort_by_metric=True,  # by TuneConfig's metric and mode
@@ -213,7 +230,7 @@ def run_setting(
             ),
         )
     _StorageGuard(experiment_dir).check()
-    _TRACKERS[plan.name] = tracker
+    _DRIVER.update(tracker=tracker, on_setting_start=on_setting_start)
     try:
         grid = tuner.fit()
     except UserError:
@@ -223,19 +240,22 @@ def run_setting(
             raise _no_space(experiment_dir) from None
         raise
     finally:
-        _TRACKERS.pop(plan.name, None)
+        _DRIVER.clear()
     if grid.errors and _storage_full(experiment_dir, grid.errors):
         raise _no_space(experiment_dir)
-    if _unfinished(path, _trial_count(spec, plan)):
-        raise KeyboardInterrupt(f"noise setting {plan.name} stopped before its trials finished")
-    return [
-        {
-            "trial_id": Path(r.path).name,  # trial folders are named by trial id
-            "error": failure_reason(r.error) if r.error else None,
-            "last": r.metrics or {},
-        }
-        for r in grid
-    ]
+    if _unfinished(str(path), sum(counts.values())):
+        raise KeyboardInterrupt("the search stopped before its trials finished")
+    outcomes: dict[str, list[dict[str, Any]]] = {name: [] for name in counts}
+    for r in grid:
+        trial_dir = Path(r.path)  # <experiment>/<setting>/<trial id>
+        outcomes[trial_dir.parent.name].append(
+            {
+                "trial_id": trial_dir.name,
+                "error": failure_reason(r.error) if r.error else None,
+                "last": r.metrics or {},
+            }
+        )
+    return outcomes
 
 
 def _storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
@@ -333,64 +353,174 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
-# The tracker of each setting being run. Tune pickles callbacks with the experiment and, on
-# restore, brings back those copies instead of taking new ones; the callback therefore holds only
-# the setting's name and finds the driver's current tracker here.
-_TRACKERS: dict[str, Any] = {}
+# What the driver's callbacks report to: the tracker, and the hook told when a setting starts.
+# Tune pickles callbacks with the experiment and, on restore, brings back those copies instead
+# of taking new ones; the callbacks therefore hold no driver objects and find them here.
+_DRIVER: dict[str, Any] = {}
 
 
 class _Tracking(tune.Callback):
-    """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow).
+    """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow),
+    and tells the driver when a setting's first trial starts.
 
     The tracker never raises (an MLflow outage only leaves it behind, and `sync` catches up from
     the Tune files).
     """
 
-    def __init__(self, setting: str, max_epochs: int) -> None:
-        self.setting, self.max_epochs = setting, max_epochs
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
         self._last: dict[str, dict] = {}  # each (member) trial's last row: a member may stop early
 
     @property
     def tracker(self) -> Any:
-        return _TRACKERS.get(self.setting)
+        return _DRIVER.get("tracker")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        started = _DRIVER.get("on_setting_start")
+        if started:
+            started(trial.config[SETTING])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
+        setting = trial.config[SETTING]
         for trial_id, params, row in unpack(trial.trial_id, trial.config, result):
             if row is not None:
                 self._last[trial_id] = row
                 if self.tracker:
-                    self.tracker.on_result(self.setting, trial_id, params, row)
+                    self.tracker.on_result(setting, trial_id, params, row)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        setting = trial.config[SETTING]
         for trial_id, _, last in unpack(trial.trial_id, trial.config, trial.last_result or {}):
             last = self._last.pop(trial_id, None) or last  # Tune's own for a plain trial
             if self.tracker:
-                record = TrialRecord(self.setting, trial_id, {}, [last] if last else [])
+                record = TrialRecord(setting, trial_id, {}, [last] if last else [])
                 status = record.status(self.max_epochs, True)
-                self.tracker.on_trial_end(self.setting, trial_id, status)
+                self.tracker.on_trial_end(setting, trial_id, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         for trial_id, _, _ in unpack(trial.trial_id, trial.config):
             self._last.pop(trial_id, None)
             if self.tracker:
-                self.tracker.on_trial_end(self.setting, trial_id, "failed")
+                self.tracker.on_trial_end(trial.config[SETTING], trial_id, "failed")
 
 
-def _param_space(spec: SearchSpec, plan: SettingPlan) -> dict[str, Any]:
-    if spec.pack > 1:
-        return {MEMBERS: tune.grid_search(packs(spec, plan))}
-    if spec.searcher.type == "grid":
-        return {k: tune.grid_search(p.choice or [p.fixed]) for k, p in plan.space.items()}
-    return {k: _distribution(p) for k, p in plan.space.items()}
+class _BySetting(Searcher):
+    """One searcher per noise setting behind Tune's single one.
+
+    Trials are suggested setting after setting (the next setting's first once the previous one
+    has suggested all of its `counts`), each config tagged with its SETTING; results go back to
+    the searcher that suggested the trial.
+    """
+
+    def __init__(self, searchers: dict[str, Searcher], counts: dict[str, int]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self._searchers = searchers
+        self._left = dict(counts)
+        self._setting_of: dict[str, str] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
+        return True  # each setting's searcher was built with its own space, metric and mode
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        name = next((n for n, left in self._left.items() if left > 0), None)
+        if name is None:
+            return Searcher.FINISHED
+        config = self._searchers[name].suggest(trial_id)
+        if not isinstance(config, dict):
+            return config  # the setting's searcher has nothing now (None) or is finished
+        self._left[name] -= 1
+        self._setting_of[trial_id] = name
+        return {**config, SETTING: name}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._searchers[self._setting_of[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        self._searchers[self._setting_of[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
 
 
-def _unfinished(setting_path: str, trials: int) -> bool:
+class _Listed(Searcher):
+    """Configs chosen up front (a grid, seeded random samples, packs), in order."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self._configs = list(configs)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        return self._configs.pop(0) if self._configs else Searcher.FINISHED
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        pass
+
+
+class _SchedulerBySetting(FIFOScheduler):
+    """One scheduler per noise setting (ASHA's rungs compare trials of one setting only);
+    Tune's choice of the next trial to run is FIFO's, whatever the setting."""
+
+    def __init__(self, schedulers: dict[str, TrialScheduler]) -> None:
+        super().__init__()
+        self._schedulers = schedulers
+
+    def _of(self, trial: Trial) -> TrialScheduler:
+        return self._schedulers[trial.config[SETTING]]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        for scheduler in self._schedulers.values():
+            scheduler.set_search_properties(metric, mode, **spec)
+        return True
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        _nest_under_setting(trial)
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{n}: {s.debug_string()}" for n, s in self._schedulers.items())
+
+
+def _nest_under_setting(trial: Trial) -> None:
+    """Put the trial's folder at `<experiment>/<setting>/<trial id>`.
+
+    Tune refuses a '/' in a `trial_dirname_creator` name, but keeps a relative folder already set
+    when it first makes the folder (`Trial.init_local_path`, at the trial's start); Tune calls the
+    scheduler's `on_trial_add` before that, for new and restored trials alike.
+    """
+    if not trial.relative_logdir:
+        trial.relative_logdir = f"{trial.config[SETTING]}/{trial.trial_id}"
+        trial.storage.trial_dir_name = trial.relative_logdir
+        trial.invalidate_json_state()
+
+
+def _unfinished(experiment_dir: str, trials: int) -> bool:
     """Whether Tune's saved state still has trials to run (or to create).
 
     After Ctrl-C, `fit` saves the state and returns normally, and the trials it stopped look
     finished in the returned grid; only the saved state tells them apart (PENDING: to resume).
     """
-    saved = tune.ExperimentAnalysis(setting_path).trials
+    saved = tune.ExperimentAnalysis(experiment_dir).trials
     done = (Trial.TERMINATED, Trial.ERROR)
     return len(saved) < trials or any(t.status not in done for t in saved)
 
@@ -488,17 +618,22 @@ class JalOptunaSearch(OptunaSearch):
         return [c for c in configs if tuple(sorted(c.items())) not in tried]
 
 
-def _searcher(spec: SearchSpec, plan: SettingPlan) -> Any:
-    points = plan.points_to_evaluate or None
+def _searcher(spec: SearchSpec, plan: SettingPlan) -> Searcher:
+    """One setting's searcher: TPE over its space, or the configs chosen up front."""
     if spec.pack > 1:
-        return BasicVariantGenerator()  # the packs are a grid over `_param_space`'s members
+        return _Listed([{MEMBERS: p} for p in packs(spec, plan)])
     if spec.searcher.type == "optuna" and plan.space:
         return JalOptunaSearch(
-            spec.budget.epochs, points_to_evaluate=points, seed=spec.searcher.seed
+            spec.budget.epochs,
+            space=OptunaSearch.convert_search_space(
+                {k: _distribution(p) for k, p in plan.space.items()}
+            ),
+            metric=METRIC,
+            mode=MODE,
+            points_to_evaluate=plan.points_to_evaluate or None,
+            seed=spec.searcher.seed,
         )
-    if spec.searcher.type == "grid":
-        return BasicVariantGenerator()
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=spec.searcher.seed)
+    return _Listed(fixed_configs(spec, plan)[: _trial_count(spec, plan)])
 
 
 def _scheduler(spec: SearchSpec) -> Any:
@@ -512,17 +647,19 @@ def _scheduler(spec: SearchSpec) -> Any:
     )
 
 
-def _trainable(params: dict[str, Any], plan: SettingPlan) -> None:
-    """One Tune trial: the sampled point of the space applied to the setting's base config."""
+def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> None:
+    """One Tune trial: the sampled point of the space applied to its setting's base config."""
     resume = _last_checkpoint()
+    plan = plans[params[SETTING]]
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
         _report({**metrics, "label_hash": state["label_hash"]}, state)
 
-    run_trial(plan.trial(params), report=report, resume=resume)
+    sampled = {k: v for k, v in params.items() if k != SETTING}
+    run_trial(plan.trial(sampled), report=report, resume=resume)
 
 
-def _packed_trainable(params: dict[str, Any], plan: SettingPlan) -> None:
+def _packed_trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> None:
     """One Tune trial that trains a pack of sampled points (`packed.run_packed`).
 
     Each epoch reports the members that trained under MEMBERS, and the pack's best val_acc as the
@@ -531,6 +668,7 @@ def _packed_trainable(params: dict[str, Any], plan: SettingPlan) -> None:
     from jal_search.packed import run_packed
 
     resume = _last_checkpoint()
+    plan = plans[params[SETTING]]
 
     def report(metrics: dict[int, dict[str, float]], state: dict[str, Any]) -> None:
         hashes = state["label_hashes"]

@@ -29,8 +29,10 @@ def test_smoke_search_end_to_end(smoke):
     spec = load_spec("smoke")
     assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
     assert all(s["status"] == "done" for s in manifest["settings"])
-    from ray.tune.search.optuna import OptunaSearch
+    from jal_search.tune_adapter import _BySetting
 
+    searchers = _BySetting({}, {})  # the search's searcher, as Tune saved it
+    searchers.restore_from_dir(str(path))
     for setting in manifest["settings"]:
         trials = read_trials(path, setting["name"], setting["failures"])
         assert len(trials) == spec.budget.trials
@@ -42,9 +44,7 @@ def test_smoke_search_end_to_end(smoke):
         assert any(t.config == {"alpha": 1.0, "beta": 1.0, "a": 30.0} for t in trials)
         assert all(t.config["a"] >= setting["a_min"] for t in trials)
         # Optuna saw ASHA's early stops as pruned trials, not as finished ones.
-        searcher = OptunaSearch()
-        searcher.restore_from_dir(str(path / setting["name"]))
-        states = [t.state.name for t in searcher._ot_study.trials]
+        states = [t.state.name for t in searchers._searchers[setting["name"]]._ot_study.trials]
         stopped = sum(1 for n in epochs if n < spec.budget.epochs)
         assert (
             states.count("PRUNED") == stopped and states.count("COMPLETE") == len(trials) - stopped
@@ -138,6 +138,22 @@ def test_optuna_on_a_finite_space_runs_each_config_once(local_ray, tmp_path):
     trials = read_trials(path, setting["name"], setting["failures"])
     configs = sorted((t.config["alpha"], t.config["beta"]) for t in trials)
     assert configs == [(1.0, 0.1), (1.0, 1.0), (10.0, 0.1), (10.0, 1.0)]
+
+
+def test_resuming_an_experiment_of_the_older_layout_is_refused(tmp_path, capsys):
+    # Older versions ran one Tune experiment per noise setting, in the setting's folder.
+    from fabricate import fabricate
+
+    from jal_search.cli import main
+
+    path = fabricate(tmp_path, {})
+    (path / "symmetric-0.4").mkdir()
+    (path / "symmetric-0.4" / "tuner.pkl").write_bytes(b"")
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    assert main(["resume", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older jal-search" in err[0] and "--name" in err[0]
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before  # nothing written
 
 
 def finished(path: Path, epochs: int) -> dict[str, list[str]]:

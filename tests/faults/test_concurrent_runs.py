@@ -50,7 +50,7 @@ def test_a_second_driver_is_refused_and_never_interleaves(tmp_path, ray_tmp):
     manifest = read_manifest(experiment)
     assert manifest["created"] == created
     setting = experiment / manifest["settings"][0]["name"]
-    assert len(list(setting.glob("experiment_state-*.json"))) == 1  # one Tune run
+    assert len(list(experiment.glob("experiment_state-*.json"))) == 1  # one Tune run
     trials = [p for p in setting.iterdir() if (p / "params.json").is_file()]
     assert len(trials) == 2
     for trial in trials:
