@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
 import logging
 import math
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -57,6 +57,10 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+# Tune's experiment and searcher state (all JSON here: `_BySetting` saves its searchers as JSON),
+# and where `_BackUpState` keeps their last complete copies.
+STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+STATE_BACKUP = ".tune-state"
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -193,6 +197,7 @@ def run_search(
     )
     path = Path(experiment_dir)  # experiments are local or NFS paths
     counts = {p.name: _trial_count(spec, p) for p in plans}
+    _repair_state(path)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(
             str(path), trainable, resume_unfinished=True, resume_errored=True
@@ -203,7 +208,7 @@ def run_search(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode=MODE,
-                search_alg=_BySetting({p.name: _searcher(spec, p) for p in plans}, counts),
+                search_alg=_by_setting(spec, plans),
                 scheduler=_SchedulerBySetting({p.name: _scheduler(spec) for p in plans}),
                 num_samples=sum(counts.values()),
                 max_concurrent_trials=spec.max_concurrent_trials,
@@ -217,6 +222,7 @@ def run_search(
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 callbacks=[
                     _StorageGuard(experiment_dir),
+                    _BackUpState(),
                     _KeepResultsOnRestart(),
                     _Tracking(spec.budget.epochs),
                 ],
@@ -298,6 +304,45 @@ class _StorageGuard(tune.Callback):
             return
         if free < STORAGE_RESERVE:
             raise _no_space(self.experiment_dir)
+
+
+class _BackUpState(tune.Callback):
+    """Keeps the last complete copy of Tune's experiment and searcher state in STATE_BACKUP.
+
+    Tune rewrites those files in place on the driver, and a background sync copies them to the
+    experiment folder: a copy taken while Tune rewrites them, or a driver killed mid-copy, leaves
+    a truncated file there, from which `resume` would start the whole search over (seen: 1 kill
+    in 5). Tune asks callbacks for their state right after writing its own, so copies taken then
+    are complete; `_repair_state` puts them back before a resume.
+    """
+
+    def __init__(self) -> None:
+        self._staging: str | None = None
+        self._backup: Path | None = None
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._staging = trial.storage.experiment_driver_staging_path
+        self._backup = Path(trial.storage.experiment_fs_path, STATE_BACKUP)  # local or NFS
+
+    def get_state(self) -> None:
+        if self._staging is None or self._backup is None:
+            return  # no trial yet: nothing worth restoring
+        self._backup.mkdir(exist_ok=True)
+        for pattern in STATE_FILES:
+            for source in Path(self._staging).glob(pattern):
+                tmp = self._backup / f".{source.name}.tmp"
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, self._backup / source.name)
+
+
+def _repair_state(experiment_dir: Path) -> None:
+    """Put back, from STATE_BACKUP, each of Tune's state files that a kill left unreadable."""
+    for copy in sorted((experiment_dir / STATE_BACKUP).glob("[!.]*")):
+        target = experiment_dir / copy.name
+        try:
+            json.loads(target.read_text())
+        except (OSError, ValueError):
+            shutil.copyfile(copy, target)
 
 
 class _KeepResultsOnRestart(tune.Callback):
@@ -441,12 +486,29 @@ class _BySetting(Searcher):
         self._searchers[self._setting_of[trial_id]].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        """One JSON file: the suggestion bookkeeping and each setting's own saved state."""
+        saved = {}
+        with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
+            for name, searcher in self._searchers.items():
+                searcher.save(os.path.join(directory, "state"))
+                saved[name] = base64.b64encode(Path(directory, "state").read_bytes()).decode()
+        state = {"left": self._left, "setting_of": self._setting_of, "searchers": saved}
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        state = json.loads(Path(checkpoint_path).read_text())
+        self._left, self._setting_of = state["left"], state["setting_of"]
+        with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
+            for name, searcher in self._searchers.items():
+                Path(directory, "state").write_bytes(base64.b64decode(state["searchers"][name]))
+                searcher.restore(os.path.join(directory, "state"))
+
+
+def _by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> _BySetting:
+    """The search's searcher: each setting's own (`_searcher`), `_trial_count` trials each."""
+    return _BySetting(
+        {p.name: _searcher(spec, p) for p in plans}, {p.name: _trial_count(spec, p) for p in plans}
+    )
 
 
 class _Listed(Searcher):
@@ -459,10 +521,16 @@ class _Listed(Searcher):
     def suggest(self, trial_id: str) -> dict | str | None:
         return self._configs.pop(0) if self._configs else Searcher.FINISHED
 
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self._configs))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._configs = json.loads(Path(checkpoint_path).read_text())
+
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        pass
+        """Configs chosen up front learn nothing from results."""
 
 
 class _SchedulerBySetting(FIFOScheduler):

@@ -29,9 +29,10 @@ def test_smoke_search_end_to_end(smoke):
     spec = load_spec("smoke")
     assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
     assert all(s["status"] == "done" for s in manifest["settings"])
-    from jal_search.tune_adapter import _BySetting
+    from jal_search.spec import plan
+    from jal_search.tune_adapter import _by_setting
 
-    searchers = _BySetting({}, {})  # the search's searcher, as Tune saved it
+    searchers = _by_setting(spec, plan(spec))  # the search's searcher, as Tune saved it
     searchers.restore_from_dir(str(path))
     for setting in manifest["settings"]:
         trials = read_trials(path, setting["name"], setting["failures"])
@@ -168,12 +169,13 @@ def finished(path: Path, epochs: int) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
-    # The fault: the driver (and its private Ray) is SIGKILLed mid-search. The promise: `resume`
-    # completes the budget, and trials finished before the kill are kept, not rerun.
+    # The fault: the driver (and its private Ray) is SIGKILLed mid-search, leaving Tune's state
+    # file truncated. The promise: `resume` completes the budget, and trials finished before the
+    # kill are kept, not rerun.
     spec = {
         "name": "killed", "dataset": "digits", "loss": "jal_ce", "noise": {"symmetric": [0.4]},
         "space": {"alpha": {"loguniform": [0.3, 100]}, "beta": {"loguniform": [0.03, 10]}},
-        "budget": {"trials": 6, "epochs": 6}, "scheduler": {"type": "none"},
+        "budget": {"trials": 12, "epochs": 6}, "scheduler": {"type": "none"},
         "max_concurrent_trials": 2, "storage_path": str(tmp_path / "runs"),
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -188,17 +190,25 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert driver.poll() is None, "the search ended before it could be killed"
         assert time.monotonic() < deadline, "no trial finished in time"
         time.sleep(0.5)
+    # Tune snapshots a trial's end just after writing its last row: one that ended in the last
+    # instant before a kill may retrain its last epoch on resume (read_trials keeps one row per
+    # epoch). Those that ended a second before the kill are settled.
+    settled = finished(experiment, 6)
+    time.sleep(1.0)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    before = finished(experiment, 6)
-    assert 2 <= len(before) < 6
+    assert 2 <= len(finished(experiment, 6)) < 12
+    # A kill during Tune's copy of its state to the experiment folder truncates it; resume puts
+    # back the last complete copy instead of starting the search over.
+    (state,) = experiment.glob("experiment_state-*.json")
+    state.write_bytes(b"")
 
     out = subprocess.run([*cli, "resume", str(experiment), "--num-cpus", "2"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     after = finished(experiment, 6)
-    assert len(after) == 6  # the whole budget, no more
-    for trial_id, lines in before.items():
+    assert len(after) == 12  # the whole budget, no more
+    for trial_id, lines in settled.items():
         assert after[trial_id] == lines  # untouched: not rerun
     assert read_manifest(experiment)["settings"][0]["status"] == "done"
     assert "best config per noise setting" in out.stdout
