@@ -98,10 +98,7 @@ def main() -> None:
             for s in manifest["settings"]
             for t in read_trials(Path(path), s["name"], s["failures"])
         ]
-    spans = [
-        setting_span(t.history for t in trials if t.setting == s["name"])
-        for s in manifest["settings"]
-    ]
+    span, work = busy_span(t.history for t in trials)
     epochs = [row for t in trials for row in t.history]
     training = sum(row.get("epoch_seconds", 0.0) for row in epochs)
     trainable = sum(t.history[-1].get("time_total_s", 0.0) for t in trials if t.history)
@@ -121,18 +118,17 @@ def main() -> None:
         f"  explained by start-ups (Ray once, actors per slot) {fixed:.1f} s; rest "
         f"{wall - ideal - fixed:.1f} s (Tune scheduling, checkpoints, MLflow, idle slots)"
     )
-    busy = sum(span for span, _ in spans)
-    idle = sum(concurrency * span - work for span, work in spans)
+    idle = concurrency * span - work
     print(
-        f"  outside settings (Ray and Tuner start-up, first actors, teardown, MLflow) "
-        f"{wall - busy:.1f} s; idle trial slots within settings {idle:.1f} slot-s "
+        f"  before the first trial and after the last (Ray and Tuner start-up, first actors, "
+        f"teardown, MLflow) {wall - span:.1f} s; idle trial slots in between {idle:.1f} slot-s "
         f"(= {idle / concurrency:.1f} s of wall)"
     )
     _common.ratio(f"{name} search wall / ideal", wall / ideal, "<=", 1.10)
 
 
-def setting_span(histories) -> tuple[float, float]:
-    """(seconds from the setting's first trial start to its last result, Σ trainable seconds).
+def busy_span(histories) -> tuple[float, float]:
+    """(seconds from the first trial's start to the last result, Σ trainable seconds).
 
     From Tune's per-result `timestamp` (whole seconds) and `time_total_s`.
     """
