@@ -21,10 +21,6 @@ from jal_search import results
 from jal_search.errors import UserError
 from jal_search.spec import SearchSpec, SettingPlan, load_spec, parse_spec, plan
 
-# A file Tune writes where its experiment is: the experiment folder (older versions ran a Tune
-# experiment in each noise setting's folder).
-TUNE_STATE = "tuner.pkl"
-
 
 def run(
     source: str,
@@ -106,12 +102,9 @@ def resume(
     """Finish an interrupted search: unfinished settings continue where they stopped."""
     path = exp.find_experiment(ref)
     manifest = exp.read_manifest(path)
-    if any((path / s["name"] / TUNE_STATE).is_file() for s in manifest["settings"]):
-        raise UserError(
-            f"{path}: made by an older jal-search (one Tune experiment per noise setting), which "
-            "this version cannot resume; finish it with that version, or run the spec again "
-            "under a new --name"
-        )
+    from jal_search import tune_adapter
+
+    tune_adapter.refuse_older_layout(path, [s["name"] for s in manifest["settings"]])
     raw = manifest["spec"] | ({"tracking_uri": tracking_uri} if tracking_uri else {})
     spec = parse_spec(raw, where="experiment.json")
     with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):

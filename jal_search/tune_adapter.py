@@ -61,6 +61,7 @@ RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per repor
 # and where `_BackUpState` keeps their last complete copies.
 STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 STATE_BACKUP = ".tune-state"
+TUNER_FILE = "tuner.pkl"  # where Tune writes it is where its experiment is
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -264,6 +265,17 @@ def run_search(
     return outcomes
 
 
+def refuse_older_layout(experiment_dir: Path, settings: Sequence[str]) -> None:
+    """Refuse, before Ray starts, an experiment whose Tune state sits in its settings' folders:
+    older versions ran one Tune experiment per noise setting, which this one cannot resume."""
+    if any((experiment_dir / name / TUNER_FILE).is_file() for name in settings):
+        raise UserError(
+            f"{experiment_dir}: made by an older jal-search (one Tune experiment per noise "
+            "setting), which this version cannot resume; finish it with that version, or run "
+            "the spec again under a new --name"
+        )
+
+
 def _storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
     """Whether trials failed, or Tune broke, because the storage path is full.
 
@@ -462,6 +474,9 @@ class _BySetting(Searcher):
         self._searchers = searchers
         self._left = dict(counts)
         self._setting_of: dict[str, str] = {}
+        # Each setting's searcher state as last saved (base64). Tune saves after every step;
+        # only the settings whose searcher changed since are saved again.
+        self._saved: dict[str, str] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
         return True  # each setting's searcher was built with its own space, metric and mode
@@ -471,6 +486,7 @@ class _BySetting(Searcher):
         if name is None:
             return Searcher.FINISHED
         config = self._searchers[name].suggest(trial_id)
+        self._saved.pop(name, None)
         if not isinstance(config, dict):
             return config  # the setting's searcher has nothing now (None) or is finished
         self._left[name] -= 1
@@ -478,29 +494,35 @@ class _BySetting(Searcher):
         return {**config, SETTING: name}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._searchers[self._setting_of[trial_id]].on_trial_result(trial_id, result)
+        name = self._setting_of[trial_id]
+        self._searchers[name].on_trial_result(trial_id, result)
+        self._saved.pop(name, None)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        self._searchers[self._setting_of[trial_id]].on_trial_complete(trial_id, result, error)
+        name = self._setting_of[trial_id]
+        self._searchers[name].on_trial_complete(trial_id, result, error)
+        self._saved.pop(name, None)
 
     def save(self, checkpoint_path: str) -> None:
         """One JSON file: the suggestion bookkeeping and each setting's own saved state."""
-        saved = {}
         with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
             for name, searcher in self._searchers.items():
-                searcher.save(os.path.join(directory, "state"))
-                saved[name] = base64.b64encode(Path(directory, "state").read_bytes()).decode()
-        state = {"left": self._left, "setting_of": self._setting_of, "searchers": saved}
+                if name not in self._saved:
+                    searcher.save(os.path.join(directory, "state"))
+                    raw = Path(directory, "state").read_bytes()
+                    self._saved[name] = base64.b64encode(raw).decode()
+        state = {"left": self._left, "setting_of": self._setting_of, "searchers": self._saved}
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self._left, self._setting_of = state["left"], state["setting_of"]
+        self._saved = state["searchers"]
         with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
             for name, searcher in self._searchers.items():
-                Path(directory, "state").write_bytes(base64.b64decode(state["searchers"][name]))
+                Path(directory, "state").write_bytes(base64.b64decode(self._saved[name]))
                 searcher.restore(os.path.join(directory, "state"))
 
 
