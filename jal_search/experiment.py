@@ -5,6 +5,7 @@ Layout under `<storage_path>/<name>/`:
     experiment.json       the manifest: spec, noise settings (+ AMSE bound, status), versions
     .lock                 held by the driver that runs or resumes the search
     experiment_state-*.json, tuner.pkl, searcher-state-*.pkl, …   Tune's (one experiment)
+    .tune-state.json      the last complete set of Tune's state files, put back on resume
     <setting>/            one folder per noise setting (e.g. symmetric-0.4)
         <trial_id>/result.json   one JSON line per epoch (metrics, config, training_iteration)
 

@@ -57,10 +57,9 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
-# Tune's experiment and searcher state (all JSON here: `_BySetting` saves its searchers as JSON),
-# and where `_BackUpState` keeps their last complete copies.
+# Tune's experiment and searcher state, and where `_BackUpState` keeps their last complete set.
 STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-STATE_BACKUP = ".tune-state"
+STATE_BACKUP = ".tune-state.json"
 TUNER_FILE = "tuner.pkl"  # where Tune writes it is where its experiment is
 CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
@@ -198,7 +197,7 @@ def run_search(
     )
     path = Path(experiment_dir)  # experiments are local or NFS paths
     counts = {p.name: _trial_count(spec, p) for p in plans}
-    _repair_state(path)
+    _restore_state(path)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(
             str(path), trainable, resume_unfinished=True, resume_errored=True
@@ -319,13 +318,14 @@ class _StorageGuard(tune.Callback):
 
 
 class _BackUpState(tune.Callback):
-    """Keeps the last complete copy of Tune's experiment and searcher state in STATE_BACKUP.
+    """Keeps the last complete set of Tune's experiment and searcher state in STATE_BACKUP.
 
-    Tune rewrites those files in place on the driver, and a background sync copies them to the
-    experiment folder: a copy taken while Tune rewrites them, or a driver killed mid-copy, leaves
-    a truncated file there, from which `resume` would start the whole search over (seen: 1 kill
-    in 5). Tune asks callbacks for their state right after writing its own, so copies taken then
-    are complete; `_repair_state` puts them back before a resume.
+    Tune rewrites those files in place on the driver, and a background sync copies them one by
+    one to the experiment folder: a kill mid-copy leaves there a truncated file (resume would
+    start the whole search over) or files from two different steps (the searcher then meets
+    trials it never suggested). Tune asks callbacks for their state right after writing all of
+    its own, so a set taken then is complete and consistent; it is written as one file,
+    atomically, and `_restore_state` puts it back before a resume.
     """
 
     def __init__(self) -> None:
@@ -339,22 +339,26 @@ class _BackUpState(tune.Callback):
     def get_state(self) -> None:
         if self._staging is None or self._backup is None:
             return  # no trial yet: nothing worth restoring
-        self._backup.mkdir(exist_ok=True)
-        for pattern in STATE_FILES:
-            for source in Path(self._staging).glob(pattern):
-                tmp = self._backup / f".{source.name}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, self._backup / source.name)
+        state = {
+            source.name: base64.b64encode(source.read_bytes()).decode()
+            for pattern in STATE_FILES
+            for source in Path(self._staging).glob(pattern)
+        }
+        tmp = self._backup.with_name(f"{STATE_BACKUP}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._backup)
 
 
-def _repair_state(experiment_dir: Path) -> None:
-    """Put back, from STATE_BACKUP, each of Tune's state files that a kill left unreadable."""
-    for copy in sorted((experiment_dir / STATE_BACKUP).glob("[!.]*")):
-        target = experiment_dir / copy.name
-        try:
-            json.loads(target.read_text())
-        except (OSError, ValueError):
-            shutil.copyfile(copy, target)
+def _restore_state(experiment_dir: Path) -> None:
+    """Put back Tune's state files as `_BackUpState` last saved them, all together."""
+    try:
+        state = json.loads((experiment_dir / STATE_BACKUP).read_text())
+    except FileNotFoundError:
+        return  # killed before any trial started: Tune's own files (if any) are all there is
+    for name, encoded in state.items():
+        tmp = experiment_dir / f".{name}.tmp"
+        tmp.write_bytes(base64.b64decode(encoded))
+        os.replace(tmp, experiment_dir / name)
 
 
 class _KeepResultsOnRestart(tune.Callback):

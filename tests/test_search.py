@@ -169,9 +169,10 @@ def finished(path: Path, epochs: int) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
-    # The fault: the driver (and its private Ray) is SIGKILLed mid-search, leaving Tune's state
-    # file truncated. The promise: `resume` completes the budget, and trials finished before the
-    # kill are kept, not rerun.
+    # The fault: the driver (and its private Ray) is SIGKILLed mid-search while Tune copies its
+    # state to the experiment folder, leaving one state file truncated and another from an older
+    # step. The promise: `resume` completes the budget, and trials finished before the kill are
+    # kept, not rerun.
     spec = {
         "name": "killed", "dataset": "digits", "loss": "jal_ce", "noise": {"symmetric": [0.4]},
         "space": {"alpha": {"loguniform": [0.3, 100]}, "beta": {"loguniform": [0.03, 10]}},
@@ -186,9 +187,12 @@ def test_resume_after_the_driver_is_killed(tmp_path):
                               stderr=subprocess.DEVNULL)  # fmt: skip
     experiment = tmp_path / "runs" / "killed"
     deadline = time.monotonic() + 240
+    early_searcher = None  # the searcher's state before it suggested most of the trials
     while len(finished(experiment, 6)) < 2:
         assert driver.poll() is None, "the search ended before it could be killed"
         assert time.monotonic() < deadline, "no trial finished in time"
+        if early_searcher is None and (saved := list(experiment.glob("searcher-state-*.pkl"))):
+            early_searcher = saved[0].read_bytes()
         time.sleep(0.5)
     # Tune snapshots a trial's end just after writing its last row: one that ended in the last
     # instant before a kill may retrain its last epoch on resume (read_trials keeps one row per
@@ -198,10 +202,13 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert 2 <= len(finished(experiment, 6)) < 12
-    # A kill during Tune's copy of its state to the experiment folder truncates it; resume puts
-    # back the last complete copy instead of starting the search over.
+    # What a kill mid-copy leaves: resume must put back the last complete, consistent set of
+    # state instead of starting the search over or meeting trials its searcher never suggested.
     (state,) = experiment.glob("experiment_state-*.json")
     state.write_bytes(b"")
+    (searcher,) = experiment.glob("searcher-state-*.pkl")
+    assert early_searcher is not None, "the searcher state never reached the folder"
+    searcher.write_bytes(early_searcher)
 
     out = subprocess.run([*cli, "resume", str(experiment), "--num-cpus", "2"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
