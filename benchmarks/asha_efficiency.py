@@ -5,9 +5,9 @@ The grid trains every configuration of a discrete JAL-CE space (α × β × a) a
 epochs — the budget a real search trains, and the cosine schedule spans it, so shorter runs are not
 prefixes of these curves — and records each trial's per-epoch `val_acc`. ASHA + TPE is then
 replayed on those curves with as many trials as the grid has configurations, configured as
-`tune_adapter` configures a real search: every stop decision comes from Ray's own
+`tune_search` configures a real search: every stop decision comes from Ray's own
 `ASHAScheduler` (`_scheduler`'s arguments: max_t = the epochs, one bracket, stop_last_trials); TPE
-is `tune_adapter.JalOptunaSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
+is `tune_search.JalOptunaSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
 10 startup trials, the paper's config first when it lies on the grid, early-stopped trials told
 as PRUNED, no config trained twice); trials run two at a time (quick.yaml's
 max_concurrent_trials on 2 CPUs) and every epoch takes the same time, so ASHA sees results in
@@ -151,7 +151,7 @@ class Replay:
 
 @dataclass(frozen=True)
 class Options:
-    """How the replayed search is configured beyond the schedule (defaults: as `tune_adapter`)."""
+    """How the replayed search is configured beyond the schedule (defaults: as `tune_search`)."""
 
     concurrency: int = 2  # max_concurrent_trials; quick.yaml runs 2 trials on 2 CPUs
     brackets: int = 1  # ASHAScheduler(brackets=...)
@@ -184,7 +184,7 @@ def replay(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from jal_search.tune_adapter import JalOptunaSearch
+    from jal_search.tune_search import JalOptunaSearch
 
     class WithRepeats(JalOptunaSearch):  # Ray's suggest: TPE may propose a tried config again
         def suggest(self, trial_id: str) -> dict | None:
@@ -206,7 +206,7 @@ def replay(
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup),
         seed=seed,
     )
-    scheduler = ASHAScheduler(  # as tune_adapter._scheduler builds it
+    scheduler = ASHAScheduler(  # as tune_search._scheduler builds it
         time_attr="training_iteration",
         metric="val_acc",
         mode="max",

@@ -2,7 +2,7 @@
 
 Three arms, same model (same init), batch size, data, optimiser and number of steps:
 
-- ours: the code path of `train.run_trial` — `data.train_loader` (uint8 tensor on the device,
+- ours: the code path of `train.run_trial` — `loaders.train_loader` (uint8 tensor on the device,
   batched crop/flip and normalisation), `losses.build_loss` (one log-softmax shared by NCE and
   AMSE), and run_trial's own step, `train.train_step` (SGD, L1 as its gradient l1·sign(θ),
   gradient clipping, metrics accumulated on the device and read once per epoch);
@@ -42,7 +42,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from jal_search.data import Augment, ImageSet, load_dataset, train_loader
+from jal_search.data import Augment, ImageSet, load_dataset
+from jal_search.loaders import train_loader
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.profiles import get_profile

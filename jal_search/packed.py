@@ -3,7 +3,7 @@
 `run_packed(configs)` gives the same results, to float tolerance, as `run_trial(c)` for each `c`:
 each member is built from its own seed as `run_trial` builds it, trains on its own noisy labels
 with its own loss (name and parameters), lr, L1/L2 and batch order (member k's batches are those
-of `data.train_loader` with member k's seed), and reports its own metrics per epoch.
+of `loaders.train_loader` with member k's seed), and reports its own metrics per epoch.
 
 How the members share one computation
 - `torch.func.stack_module_state` stacks the K models' parameters and buffers into (K, …) tensors.
@@ -54,8 +54,9 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from jal_search.config import TrialConfig
-from jal_search.data import IN_MEMORY_DATASETS, ImageSet, Loader, TensorLoader, eval_loader
+from jal_search.data import IN_MEMORY_DATASETS, ImageSet
 from jal_search.errors import UserError
+from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.profiles import Profile, get_profile
@@ -517,7 +518,7 @@ def _loaders(
 ) -> tuple[list[TensorLoader], Loader | None, Loader]:
     """Per-member train loaders over one shared image tensor; shared validation and test loaders.
 
-    Member k's loader is `data.train_loader(...)` with member k's labels and seed, so its batches
+    Member k's loader is `loaders.train_loader(...)` with member k's labels and seed, so its batches
     are exactly those of member k's own trial. Validation carries one label column per member.
     """
     ds = data[0].dataset

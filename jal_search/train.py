@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from jal_search.config import SUBSET_SEED, VALIDATION_SEED, TrialConfig
-from jal_search.data import eval_loader, load_dataset, split_validation, train_loader
+from jal_search.data import load_dataset
 from jal_search.errors import UserError
+from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.noise import corrupt_labels, label_hash, realised_rate

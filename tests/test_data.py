@@ -1,4 +1,5 @@
-"""Tests for jal_search.data: loaders on fixture files, the embedded MNIST, splits and batching."""
+"""Tests for jal_search.data and jal_search.loaders: datasets on fixture files, the embedded MNIST,
+splits and batching."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from jal_search import data
+from jal_search import data, loaders
 from jal_search.data import Augment, ImageSet
 from jal_search.errors import UserError
 
@@ -348,20 +349,20 @@ def test_digits() -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.37])
 def test_split_validation(fraction: float) -> None:
-    train, val = data.split_validation(1000, fraction, seed=5)
+    train, val = loaders.split_validation(1000, fraction, seed=5)
     assert len(val) == round(1000 * fraction)
     np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(1000))
-    again = data.split_validation(1000, fraction, seed=5)
+    again = loaders.split_validation(1000, fraction, seed=5)
     np.testing.assert_array_equal(again[1], val)
     if fraction:
-        other = data.split_validation(1000, fraction, seed=6)[1]
+        other = loaders.split_validation(1000, fraction, seed=6)[1]
         assert not np.array_equal(other, val)
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
 def test_split_validation_rejects_fractions(fraction: float) -> None:
     with pytest.raises(UserError, match="val_fraction"):
-        data.split_validation(100, fraction, seed=0)
+        loaders.split_validation(100, fraction, seed=0)
 
 
 # ---------------------------------------------------------------------------- tensor loaders
@@ -371,10 +372,10 @@ def test_each_sample_once_per_epoch_and_deterministic() -> None:
     ds = indexed_set(1000)
     rows = np.arange(3, 1000, 3)  # 333 rows, batch 50 → 7 batches, the last one of 33
     labels = ds.train_labels[rows]
-    loader = data.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=11)
+    loader = loaders.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=11)
     assert len(loader) == 7 and loader.num_samples == 333
 
-    def epoch(ld: data.Loader, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def epoch(ld: loaders.Loader, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         batches = list(ld.batches(e))
         assert [len(y) for _, y in batches] == [50] * 6 + [33]
         return torch.cat([rows_of(x) for x, _ in batches]), torch.cat([y for _, y in batches])
@@ -382,11 +383,11 @@ def test_each_sample_once_per_epoch_and_deterministic() -> None:
     seen, seen_labels = epoch(loader, 4)
     assert sorted(seen.tolist()) == rows.tolist()
     assert torch.equal(seen_labels, seen % 10)  # labels travel with their images
-    same = data.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=11)
+    same = loaders.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=11)
     epoch(loader, 1)  # consuming another epoch in between changes nothing
     assert torch.equal(epoch(same, 4)[0], seen)
     assert not torch.equal(epoch(loader, 5)[0], seen)
-    other = data.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=12)
+    other = loaders.train_loader(ds, rows, labels, batch_size=50, device=CPU, seed=12)
     assert not torch.equal(epoch(other, 4)[0], seen)
 
 
@@ -394,7 +395,7 @@ def test_labels_may_carry_extra_columns() -> None:
     ds = indexed_set(40)
     rows = np.arange(40)
     pair = torch.stack([ds.train_labels, (ds.train_labels + 1) % 10], dim=1)
-    loader = data.train_loader(ds, rows, pair, batch_size=16, device=CPU, seed=0)
+    loader = loaders.train_loader(ds, rows, pair, batch_size=16, device=CPU, seed=0)
     for x, y in loader.batches(0):
         assert y.shape == (len(x), 2) and torch.equal(y[:, 0], rows_of(x) % 10)
 
@@ -402,15 +403,15 @@ def test_labels_may_carry_extra_columns() -> None:
 def test_loader_validates_its_inputs() -> None:
     ds = indexed_set(10)
     with pytest.raises(UserError, match="indices: must lie in 0..9"):
-        data.train_loader(ds, np.array([3, 10]), torch.zeros(2, dtype=torch.int64),
+        loaders.train_loader(ds, np.array([3, 10]), torch.zeros(2, dtype=torch.int64),
                           batch_size=2, device=CPU, seed=0)  # fmt: skip
     with pytest.raises(UserError, match=r"labels: expected int64 of shape \(2,\)"):
-        data.train_loader(ds, np.array([1, 2]), torch.zeros(3, dtype=torch.int64),
+        loaders.train_loader(ds, np.array([1, 2]), torch.zeros(3, dtype=torch.int64),
                           batch_size=2, device=CPU, seed=0)  # fmt: skip
     with pytest.raises(UserError, match="labels: must lie in 0..9"):
-        data.eval_loader(ds, np.array([1]), torch.tensor([10]), batch_size=2, device=CPU)
+        loaders.eval_loader(ds, np.array([1]), torch.tensor([10]), batch_size=2, device=CPU)
     with pytest.raises(UserError, match="need labels"):
-        data.eval_loader(ds, np.array([1]), None, batch_size=2, device=CPU)
+        loaders.eval_loader(ds, np.array([1]), None, batch_size=2, device=CPU)
 
 
 def test_eval_loader_normalises_in_order() -> None:
@@ -420,7 +421,7 @@ def test_eval_loader_normalises_in_order() -> None:
         "rgb", images, torch.zeros(23, dtype=torch.int64), images[:7], torch.arange(7), 10,
         (0.1, 0.5, 0.9), (0.2, 0.3, 0.4), Augment(4, True, 20), "t",
     )  # fmt: skip
-    loader = data.eval_loader(ds, batch_size=5, device=CPU)
+    loader = loaders.eval_loader(ds, batch_size=5, device=CPU)
     x = torch.cat([x for x, _ in loader.batches(0)])
     mean = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1)
     std = torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
@@ -429,7 +430,7 @@ def test_eval_loader_normalises_in_order() -> None:
     torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5)
     assert torch.equal(torch.cat([y for _, y in loader.batches(0)]), torch.arange(7))
     # a validation split without augmentation: the given rows, in order
-    val = data.eval_loader(ds, np.array([20, 2]), torch.tensor([1, 2]), batch_size=5, device=CPU)
+    val = loaders.eval_loader(ds, np.array([20, 2]), torch.tensor([1, 2]), batch_size=5, device=CPU)
     (xv, yv), *_ = val.batches(0)
     expected_val = (images[[20, 2]].double() / 255 - mean.double()) / std.double()
     torch.testing.assert_close(xv.double(), expected_val, rtol=0, atol=1e-5)
@@ -461,7 +462,7 @@ def test_batched_crop_flip_matches_torchvision() -> None:
     ds = image_set(image.expand(n, 3, 32, 32).contiguous(), torch.zeros(n, dtype=torch.int64),
                    Augment(crop_padding=4, flip=True))  # fmt: skip
     ds = dataclasses.replace(ds, mean=(0.0,) * 3, std=(1.0,) * 3)
-    loader = data.train_loader(
+    loader = loaders.train_loader(
         ds, np.arange(n), ds.train_labels, batch_size=512, device=CPU, seed=3
     )
     ours = torch.round(torch.cat([x for x, _ in loader.batches(0)]) * 255).to(torch.uint8)
@@ -494,18 +495,19 @@ def test_rotation_matches_torchvision_and_keeps_shapes() -> None:
     rng = np.random.default_rng(5)
     images = torch.from_numpy(rng.integers(0, 256, (4, 3, 32, 32)).astype(np.float32))
     angles = torch.tensor([-20.0, -3.5, 11.0, 20.0])
-    rotated = data.rotate(images, angles)
+    rotated = loaders.rotate(images, angles)
     for k in range(4):
         expected = TF.rotate(images[k], float(angles[k]), InterpolationMode.NEAREST)
         assert torch.equal(rotated[k], expected)
     # non-square images rotate about their centre too
     wide = images[:1, :, :20]
-    torch.testing.assert_close(data.rotate(wide, torch.tensor([30.0]))[0],
+    torch.testing.assert_close(loaders.rotate(wide, torch.tensor([30.0]))[0],
                                TF.rotate(wide[0], 30.0, InterpolationMode.NEAREST))  # fmt: skip
 
     ds = image_set(torch.full((6, 3, 32, 32), 200, dtype=torch.uint8),
                    torch.zeros(6, dtype=torch.int64), Augment(rotation=20.0))  # fmt: skip
-    loader = data.train_loader(ds, np.arange(6), ds.train_labels, batch_size=6, device=CPU, seed=0)
+    loader = loaders.train_loader(ds, np.arange(6), ds.train_labels, batch_size=6, device=CPU,
+                                  seed=0)  # fmt: skip
     ((x, _),) = loader.batches(0)
     assert x.shape == (6, 3, 32, 32)
     inside, fill = (200 / 255 - 0.25) / 0.5, (0 - 0.25) / 0.5  # fill: pixel 0, normalised
@@ -537,7 +539,7 @@ def test_imagefolder_and_file_loaders(tmp_path: Path) -> None:
     rows = np.arange(6)
 
     def run(workers: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        loader = data.train_loader(ds, rows, ds.train_labels, batch_size=4, device=CPU, seed=7,
+        loader = loaders.train_loader(ds, rows, ds.train_labels, batch_size=4, device=CPU, seed=7,
                                    num_workers=workers)  # fmt: skip
         assert len(loader) == 2
         return list(loader.batches(epoch))
@@ -550,7 +552,7 @@ def test_imagefolder_and_file_loaders(tmp_path: Path) -> None:
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, run(0, 2), strict=True))
 
-    test = data.eval_loader(ds, batch_size=8, device=CPU, num_workers=0)
+    test = loaders.eval_loader(ds, batch_size=8, device=CPU, num_workers=0)
     ((x, y),) = test.batches(0)
     # uniform images: the evaluation crop keeps the value, normalised with ImageNet's statistics
     mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
@@ -602,7 +604,7 @@ def test_clothing1m_annotations(tmp_path: Path) -> None:
     ds = data.load_dataset("clothing1m", tmp_path)
     assert ds.num_classes == 14 and ds.train_labels.tolist() == [4, 13]
     assert ds.test_files == [tmp_path / "images/0/2.jpg"] and ds.test_labels.tolist() == [7]
-    loader = data.train_loader(ds, np.array([1]), torch.tensor([13]), batch_size=1, device=CPU,
+    loader = loaders.train_loader(ds, np.array([1]), torch.tensor([13]), batch_size=1, device=CPU,
                                seed=0, num_workers=0)  # fmt: skip
     ((x, y),) = loader.batches(0)
     assert x.shape == (1, 3, 224, 224) and y.tolist() == [13]

@@ -1,13 +1,15 @@
 """The Ray adapter: its private cluster's trial processes, its Tune callbacks and searcher."""
 
+import ast
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import ray
 from ray import tune
 
-from jal_search import tune_adapter
+from jal_search import tune_adapter, tune_callbacks, tune_search
 
 
 def test_trial_processes_start_with_the_trial_environment():
@@ -44,7 +46,7 @@ def test_a_restarting_trial_gets_the_results_up_to_its_checkpoint(tmp_path):
         local_path=str(staging),
         storage=SimpleNamespace(trial_fs_path=str(stored)),
     )
-    keep = tune_adapter._KeepResultsOnRestart()
+    keep = tune_callbacks.KeepResultsOnRestart()
     keep.on_trial_start(0, [], trial)  # a fresh start: Tune restores nothing, nor do we
     assert (stored / "result.json").read_text() == rows[0] + "\n"
     # A restart from the checkpoint of epoch 2: epoch 3 will be reported again, epoch 4 was cut.
@@ -54,14 +56,14 @@ def test_a_restarting_trial_gets_the_results_up_to_its_checkpoint(tmp_path):
     assert sorted(p.name for p in stored.iterdir()) == ["result.json"]  # no temporary left
 
 
-def _searcher(sampler: optuna.samplers.BaseSampler) -> tune_adapter.JalOptunaSearch:
+def _searcher(sampler: optuna.samplers.BaseSampler) -> tune_search.JalOptunaSearch:
     space = {"alpha": tune.choice([1.0, 10.0]), "a": tune.choice([5.0, 15.0, 30.0])}
-    return tune_adapter.JalOptunaSearch(
+    return tune_search.JalOptunaSearch(
         4, space=space, metric="val_acc", mode="max", sampler=sampler, seed=0
     )
 
 
-def _finish(searcher: tune_adapter.JalOptunaSearch, trial_id: str, config: dict) -> None:
+def _finish(searcher: tune_search.JalOptunaSearch, trial_id: str, config: dict) -> None:
     value = config["alpha"] / 100 + config["a"] / 1000  # each config its own score
     for epoch in (1, 2, 3, 4):
         searcher.on_trial_result(trial_id, {"training_iteration": epoch, "val_acc": value})
@@ -93,3 +95,17 @@ def test_optuna_on_a_finite_space_never_trains_a_config_twice():
             assert trial.value == twin.value
         assert json.dumps(trial.params, sort_keys=True) in real
     assert sum(t.state.name == "COMPLETE" for t in study.trials) > 5  # repeats were told
+
+
+def test_only_the_tune_modules_import_ray():
+    # Ray's API moves quickly: one adapter (tune_adapter and its tune_* modules) absorbs it.
+    package = Path(tune_adapter.__file__).parent
+    importers = set()
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(module.stem)
+    assert importers == {"tune_adapter", "tune_search", "tune_callbacks"}

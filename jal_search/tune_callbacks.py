@@ -1,0 +1,210 @@
+"""What Tune tells the driver as a search runs, and what the driver keeps from it.
+
+Part of the Ray adapter (`tune_adapter` and the `tune_*` modules, the only ones that import Ray).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from jal_search.errors import UserError
+from jal_search.experiment import SETTING, TrialRecord, unpack
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A setting stops (resumably) when less than this is free under the storage path: Tune rewrites
+# its state, result and params files in place, and a disk that fills completely truncates them.
+STORAGE_RESERVE = 64 << 20
+RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+# Tune's experiment and searcher state, and where `BackUpState` keeps their last complete set.
+STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+STATE_BACKUP = ".tune-state.json"
+
+
+def storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
+    """Whether trials failed, or Tune broke, because the storage path is full.
+
+    On a full disk every trial fails (its checkpoint cannot be written) and burns its retries; a
+    setting ended that way must stay unfinished so that `resume` reruns those trials once there
+    is space again. Full: a trial failed with ENOSPC/EDQUOT, or less than STORAGE_RESERVE is left.
+    """
+    causes = [getattr(e, "cause", None) or e for e in errors]
+    if any(isinstance(c, OSError) and c.errno in STORAGE_ERRNOS for c in causes):
+        return True
+    try:
+        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
+    except OSError:  # not a local path
+        return False
+
+
+def no_space(experiment_dir: str) -> UserError:
+    return UserError(
+        f"storage_path: no space left under {experiment_dir}; free some space, then run "
+        f"`jal-search resume {experiment_dir}` (finished trials are kept)"
+    )
+
+
+class StorageGuard(tune.Callback):
+    """Ends the search with a UserError once free space under the storage path drops below
+    STORAGE_RESERVE, checked at most once a second on the driver.
+
+    The error leaves Tune's loop like a killed driver would: the state saved at the last step
+    (every step, see `tune_adapter.DRIVER_ENV`) is intact, and `resume` continues the unfinished
+    trials.
+    """
+
+    def __init__(self, experiment_dir: str) -> None:
+        self.experiment_dir = experiment_dir
+        self._next = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + 1.0
+            self.check()
+
+    def check(self) -> None:
+        try:
+            free = shutil.disk_usage(self.experiment_dir).free
+        except OSError:  # not created yet, or not a local path
+            return
+        if free < STORAGE_RESERVE:
+            raise no_space(self.experiment_dir)
+
+
+class BackUpState(tune.Callback):
+    """Keeps the last complete set of Tune's experiment and searcher state in STATE_BACKUP.
+
+    Tune rewrites those files in place on the driver, and a background sync copies them one by
+    one to the experiment folder: a kill mid-copy leaves there a truncated file (resume would
+    start the whole search over) or files from two different steps (the searcher then meets
+    trials it never suggested). Tune asks callbacks for their state right after writing all of
+    its own, so a set taken then is complete and consistent; it is written as one file,
+    atomically, and `restore_state` puts it back before a resume.
+    """
+
+    def __init__(self) -> None:
+        self._staging: str | None = None
+        self._backup: Path | None = None
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._staging = trial.storage.experiment_driver_staging_path
+        self._backup = Path(trial.storage.experiment_fs_path, STATE_BACKUP)  # local or NFS
+
+    def get_state(self) -> None:
+        if self._staging is None or self._backup is None:
+            return  # no trial yet: nothing worth restoring
+        state = {
+            source.name: base64.b64encode(source.read_bytes()).decode()
+            for pattern in STATE_FILES
+            for source in Path(self._staging).glob(pattern)
+        }
+        tmp = self._backup.with_name(f"{STATE_BACKUP}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._backup)
+
+
+def restore_state(experiment_dir: Path) -> None:
+    """Put back Tune's state files as `BackUpState` last saved them, all together."""
+    try:
+        state = json.loads((experiment_dir / STATE_BACKUP).read_text())
+    except FileNotFoundError:
+        return  # killed before any trial started: Tune's own files (if any) are all there is
+    for name, encoded in state.items():
+        tmp = experiment_dir / f".{name}.tmp"
+        tmp.write_bytes(base64.b64decode(encoded))
+        os.replace(tmp, experiment_dir / name)
+
+
+class KeepResultsOnRestart(tune.Callback):
+    """Makes a restarting trial's result.json hold exactly the epochs up to its checkpoint.
+
+    Tune writes results on the driver, in a staging folder that a background sync copies to the
+    storage path, and a trial that restarts from a checkpoint (retried, moved off a lost node,
+    resumed) gets its staging result.json replaced by the storage copy. A copy the sync had not
+    refreshed lost the epochs reported since (seen on a loaded machine: epochs 1-2 of a trial
+    moved at epoch 2); a fresh one kept epochs reported after the checkpoint, which the trial
+    then reports again. So, just before Tune's logger restores the file (user callbacks run
+    first), the storage copy becomes the staging rows up to the checkpoint's epoch.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        restored = trial.latest_checkpoint_result
+        if restored is None:
+            return  # a fresh start: Tune restores nothing
+        local = Path(trial.local_path, RESULT_FILE)
+        stored = Path(trial.storage.trial_fs_path, RESULT_FILE)  # experiments are local or NFS
+        if not local.is_file() or local == stored or not stored.parent.is_dir():
+            return
+        epoch = restored.metrics.get("epoch", math.inf)
+        kept = [line for line in local.read_text().splitlines() if _epoch(line) <= epoch]
+        tmp = stored.with_name(f".{RESULT_FILE}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, stored)
+
+
+def _epoch(line: str) -> float:
+    """A result line's epoch; inf for a line that is not one (half-written: dropped)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+# What the driver's callbacks report to: the tracker, and the hook told when a setting starts.
+# Tune pickles callbacks with the experiment and, on restore, brings back those copies instead
+# of taking new ones; the callbacks therefore hold no driver objects and find them here.
+DRIVER: dict[str, Any] = {}
+
+
+class Tracking(tune.Callback):
+    """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow),
+    and tells the driver when a setting's first trial starts.
+
+    The tracker never raises (an MLflow outage only leaves it behind, and `sync` catches up from
+    the Tune files).
+    """
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+        self._last: dict[str, dict] = {}  # each (member) trial's last row: a member may stop early
+
+    @property
+    def tracker(self) -> Any:
+        return DRIVER.get("tracker")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        started = DRIVER.get("on_setting_start")
+        if started:
+            started(trial.config[SETTING])
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
+        setting = trial.config[SETTING]
+        for trial_id, params, row in unpack(trial.trial_id, trial.config, result):
+            if row is not None:
+                self._last[trial_id] = row
+                if self.tracker:
+                    self.tracker.on_result(setting, trial_id, params, row)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        setting = trial.config[SETTING]
+        for trial_id, _, last in unpack(trial.trial_id, trial.config, trial.last_result or {}):
+            last = self._last.pop(trial_id, None) or last  # Tune's own for a plain trial
+            if self.tracker:
+                record = TrialRecord(setting, trial_id, {}, [last] if last else [])
+                status = record.status(self.max_epochs, True)
+                self.tracker.on_trial_end(setting, trial_id, status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        for trial_id, _, _ in unpack(trial.trial_id, trial.config):
+            self._last.pop(trial_id, None)
+            if self.tracker:
+                self.tracker.on_trial_end(trial.config[SETTING], trial_id, "failed")
