@@ -5,7 +5,7 @@ Layout under `<storage_path>/<name>/`:
     experiment.json       the manifest: spec, noise settings (+ AMSE bound, status), versions
     .lock                 held by the driver that runs or resumes the search
     experiment_state-*.json, tuner.pkl, searcher-state-*.pkl, …   Tune's (one experiment)
-    .tune-state.json      the last complete set of Tune's state files, put back on resume
+    .tune-state           the last complete set of Tune's state files, put back on resume
     <setting>/            one folder per noise setting (e.g. symmetric-0.4)
         <trial_id>/result.json   one JSON line per epoch (metrics, config, training_iteration)
 
@@ -213,14 +213,15 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
     for trial_dir in sorted(p for p in folder.iterdir() if (p / "params.json").is_file()):
         try:
             config = json.loads((trial_dir / "params.json").read_text())
-        except json.JSONDecodeError:
-            config = {}
+        except json.JSONDecodeError:  # e.g. emptied by a kill while Tune copied it: every row
+            config = {}  # carries the config too
         rows = []
         result = trial_dir / "result.json"
         if result.is_file():
             for line in result.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
                     row = json.loads(line)
+                    config = config or row.get("config") or {}
                     row.pop("config", None)
                     rows.append(row)
         error = failures.get(trial_dir.name)

@@ -36,6 +36,7 @@ from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_c
 from jal_search.tune_callbacks import (
     DRIVER,
     BackUpState,
+    ForgetLostCheckpoints,
     KeepResultsOnRestart,
     StorageGuard,
     Tracking,
@@ -163,12 +164,11 @@ def run_search(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run, or resume, every noise setting of a search as one Tune experiment.
 
-    Each setting keeps its own searcher and scheduler (`_BySetting`, `_SchedulerBySetting`);
-    trials are suggested setting after setting, so a setting's last trials share the cluster
-    with the next setting's first ones instead of leaving slots idle, and one set of actors
-    serves them all. Trial folders are `<experiment>/<setting>/<trial id>`; Tune's own state sits
-    in the experiment folder. `on_setting_start(name)` is called as each of a setting's trials
-    starts.
+    Each setting keeps its own searcher and scheduler (`tune_search`); trials are suggested
+    setting after setting, so a setting's last trials share the cluster with the next setting's
+    first ones instead of leaving slots idle, and one set of actors serves them all. Trial
+    folders are `<experiment>/<setting>/<trial id>`; Tune's own state sits in the experiment
+    folder. `on_setting_start(name)` is called as each of a setting's trials starts.
 
     Returns, per setting, one entry per Tune trial: its id, its final error (None unless it
     finally failed) and its last reported metrics. Raises KeyboardInterrupt when Tune stopped
@@ -210,6 +210,7 @@ def run_search(
                     StorageGuard(experiment_dir),
                     BackUpState(),
                     KeepResultsOnRestart(),
+                    ForgetLostCheckpoints(),
                     Tracking(spec.budget.epochs),
                 ],
                 progress_reporter=tune.CLIReporter(
@@ -222,7 +223,7 @@ def run_search(
             ),
         )
     StorageGuard(experiment_dir).check()
-    DRIVER.update(tracker=tracker, on_setting_start=on_setting_start)
+    DRIVER.update(tracker=tracker, on_setting_start=on_setting_start, experiment_dir=path)
     try:
         grid = tuner.fit()
     except UserError:

@@ -18,16 +18,25 @@ from typing import Any
 from ray import tune
 
 from jal_search.errors import UserError
-from jal_search.experiment import SETTING, TrialRecord, unpack
+from jal_search.experiment import MANIFEST, SETTING, TrialRecord, unpack
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # A setting stops (resumably) when less than this is free under the storage path: Tune rewrites
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
-# Tune's experiment and searcher state, and where `BackUpState` keeps their last complete set.
+# Tune's experiment and searcher state, and where `BackUpState` keeps their last complete set:
+# JSON, named without .json because Tune's restore copies every .json and .pkl of the experiment
+# folder into its staging folder, whose every file it then copies back at every step.
 STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-STATE_BACKUP = ".tune-state.json"
+STATE_BACKUP = ".tune-state"
+
+# What the driver's callbacks work with, set for the length of `fit`: the tracker, the hook told
+# when a setting starts, the experiment folder, and (from `tune_search.BySetting`) the folder
+# Tune writes its state to. Tune pickles callbacks with the experiment and, on restore, brings
+# back those copies instead of taking new ones; the callbacks therefore hold no driver objects
+# and find them here.
+DRIVER: dict[str, Any] = {}
 
 
 def storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
@@ -83,41 +92,45 @@ class StorageGuard(tune.Callback):
 class BackUpState(tune.Callback):
     """Keeps the last complete set of Tune's experiment and searcher state in STATE_BACKUP.
 
-    Tune rewrites those files in place on the driver, and a background sync copies them one by
-    one to the experiment folder: a kill mid-copy leaves there a truncated file (resume would
+    Tune rewrites those files in place in a staging folder, and a background sync copies them one
+    by one to the experiment folder: a kill mid-copy leaves there a truncated file (resume would
     start the whole search over) or files from two different steps (the searcher then meets
     trials it never suggested). Tune asks callbacks for their state right after writing all of
     its own, so a set taken then is complete and consistent; it is written as one file,
     atomically, and `restore_state` puts it back before a resume.
     """
 
-    def __init__(self) -> None:
-        self._staging: str | None = None
-        self._backup: Path | None = None
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._staging = trial.storage.experiment_driver_staging_path
-        self._backup = Path(trial.storage.experiment_fs_path, STATE_BACKUP)  # local or NFS
-
     def get_state(self) -> None:
-        if self._staging is None or self._backup is None:
-            return  # no trial yet: nothing worth restoring
+        staging, experiment = DRIVER.get("staging"), DRIVER.get("experiment_dir")
+        if staging is None or experiment is None:
+            return
+        # Restored with Tune's state, a copy of the manifest would overwrite the live one.
+        Path(staging, MANIFEST).unlink(missing_ok=True)
         state = {
             source.name: base64.b64encode(source.read_bytes()).decode()
             for pattern in STATE_FILES
-            for source in Path(self._staging).glob(pattern)
+            for source in Path(staging).glob(pattern)
         }
-        tmp = self._backup.with_name(f"{STATE_BACKUP}.tmp")
+        backup = Path(experiment, STATE_BACKUP)  # experiments are local or NFS paths
+        tmp = backup.with_name(f"{STATE_BACKUP}.tmp")
         tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._backup)
+        os.replace(tmp, backup)
 
 
 def restore_state(experiment_dir: Path) -> None:
-    """Put back Tune's state files as `BackUpState` last saved them, all together."""
+    """Make Tune's state files the set `BackUpState` last saved, all together.
+
+    State files the set does not hold (a resume killed in its first step) are removed: Tune
+    would take their newer session over the set's, whatever they hold.
+    """
     try:
         state = json.loads((experiment_dir / STATE_BACKUP).read_text())
     except FileNotFoundError:
-        return  # killed before any trial started: Tune's own files (if any) are all there is
+        return  # killed before any trial existed: Tune's own files (if any) are all there is
+    for pattern in STATE_FILES:
+        for unsaved in experiment_dir.glob(pattern):
+            if unsaved.name not in state:
+                unsaved.unlink()
     for name, encoded in state.items():
         tmp = experiment_dir / f".{name}.tmp"
         tmp.write_bytes(base64.b64decode(encoded))
@@ -151,18 +164,30 @@ class KeepResultsOnRestart(tune.Callback):
         os.replace(tmp, stored)
 
 
+class ForgetLostCheckpoints(tune.Callback):
+    """Drops from a restarting trial's checkpoint list the checkpoints no longer on disk.
+
+    Tune's saved state lags the trial folders by up to a step. A driver killed after Tune deleted
+    a trial's oldest checkpoint (it keeps `tune_adapter.CHECKPOINTS_KEPT`) but before it saved
+    its state resumes with that checkpoint still listed, and deleting it again fails the trial
+    with FileNotFoundError (seen: 1 resume in 8).
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.latest_checkpoint_result is None:
+            return  # a fresh start: nothing listed
+        manager = trial.run_metadata.checkpoint_manager
+        manager._checkpoint_results = [  # experiments are local or NFS paths
+            r for r in manager._checkpoint_results if Path(r.checkpoint.path).exists()
+        ]
+
+
 def _epoch(line: str) -> float:
     """A result line's epoch; inf for a line that is not one (half-written: dropped)."""
     try:
         return float(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-# What the driver's callbacks report to: the tracker, and the hook told when a setting starts.
-# Tune pickles callbacks with the experiment and, on restore, brings back those copies instead
-# of taking new ones; the callbacks therefore hold no driver objects and find them here.
-DRIVER: dict[str, Any] = {}
 
 
 class Tracking(tune.Callback):

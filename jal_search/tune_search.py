@@ -37,6 +37,7 @@ from jal_search.spec import (
     packs,
     trials_per_setting,
 )
+from jal_search.tune_callbacks import DRIVER
 
 METRIC, MODE = "val_acc", "max"
 
@@ -84,6 +85,12 @@ class BySetting(Searcher):
         name = self._setting_of[trial_id]
         self._searchers[name].on_trial_complete(trial_id, result, error)
         self._saved.pop(name, None)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Tune's save, and where it is: Tune tells the searcher the folder it writes its state
+        to, not the callbacks, and `tune_callbacks.BackUpState` copies the state from there."""
+        super().save_to_dir(checkpoint_dir, session_str)
+        DRIVER["staging"] = checkpoint_dir
 
     def save(self, checkpoint_path: str) -> None:
         """One JSON file: the suggestion bookkeeping and each setting's own saved state."""

@@ -334,7 +334,7 @@ def edit_manifest(path, change):
         ),
         (lambda path: __import__("shutil").rmtree(path / SYM), "marks setting symmetric-0.4 done"),
         (
-            lambda path: (path / SYM / "a0000001" / "params.json").write_text("{bad"),
+            lambda path: (path / SYM / "a0000001" / "params.json").write_text('{"alpha": "hi"}'),
             "a0000001/params.json: no numeric value",
         ),
         (lambda path: (path / MANIFEST).unlink(), "no experiment.json found"),
@@ -507,3 +507,21 @@ def test_epochs_missing_from_result_json_come_back_from_the_checkpoint(lost, res
     assert [r["training_iteration"] for r in record.history] == [1, 2, 3, 4]
     assert [r["val_acc"] for r in record.history] == [0.1, 0.2, 0.3, 0.4]
     assert [r.get("restored_from_checkpoint", False) for r in record.history] == restored
+
+
+def test_a_params_file_emptied_by_a_kill_is_read_from_the_result_rows(tmp_path):
+    # Tune copies params.json to the experiment folder in place: a kill mid-copy empties it.
+    from jal_search.experiment import read_trials
+
+    trial = tmp_path / "symmetric-0.4" / "t1"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text("")
+    config = {"alpha": 2.0, "beta": 0.5, "setting": "symmetric-0.4"}
+    rows = [
+        {"epoch": e, "training_iteration": e, "val_acc": e / 10, "config": config} for e in (1, 2)
+    ]
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
+    assert record.config == {"alpha": 2.0, "beta": 0.5}
+    assert [r["val_acc"] for r in record.history] == [0.1, 0.2]
+    assert all("config" not in r for r in record.history)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jal_search import search
+from jal_search import search, tune_callbacks
 from jal_search.data import load_dataset
 from jal_search.experiment import read_manifest, read_trials
 from jal_search.spec import SPACES_DIR, load_spec
@@ -30,9 +30,9 @@ def test_smoke_search_end_to_end(smoke):
     assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
     assert all(s["status"] == "done" for s in manifest["settings"])
     from jal_search.spec import plan
-    from jal_search.tune_adapter import _by_setting
+    from jal_search.tune_search import by_setting
 
-    searchers = _by_setting(spec, plan(spec))  # the search's searcher, as Tune saved it
+    searchers = by_setting(spec, plan(spec))  # the search's searcher, as Tune saved it
     searchers.restore_from_dir(str(path))
     for setting in manifest["settings"]:
         trials = read_trials(path, setting["name"], setting["failures"])
@@ -219,3 +219,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert after[trial_id] == lines  # untouched: not rerun
     assert read_manifest(experiment)["settings"][0]["status"] == "done"
     assert "best config per noise setting" in out.stdout
+    # The backup follows the resumed run's own state, not the killed run's.
+    newest = max(p.name for p in experiment.glob("experiment_state-*.json"))
+    assert newest in json.loads((experiment / tune_callbacks.STATE_BACKUP).read_text())

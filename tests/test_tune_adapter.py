@@ -56,6 +56,63 @@ def test_a_restarting_trial_gets_the_results_up_to_its_checkpoint(tmp_path):
     assert sorted(p.name for p in stored.iterdir()) == ["result.json"]  # no temporary left
 
 
+def test_a_restarting_trial_forgets_checkpoints_no_longer_on_disk(tmp_path):
+    # Tune's saved state can list a checkpoint it deleted just before a kill; deleting it again
+    # would fail the trial. Tune's Trial stands in as the attributes the callback reads.
+    kept = [tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000002"]
+    for folder in kept:
+        folder.mkdir()
+    listed = [SimpleNamespace(checkpoint=SimpleNamespace(path=str(tmp_path / "checkpoint_000000")))]
+    listed += [SimpleNamespace(checkpoint=SimpleNamespace(path=str(f))) for f in kept]
+    manager = SimpleNamespace(_checkpoint_results=list(listed))
+    trial = SimpleNamespace(
+        latest_checkpoint_result=listed[-1],
+        run_metadata=SimpleNamespace(checkpoint_manager=manager),
+    )
+    tune_callbacks.ForgetLostCheckpoints().on_trial_start(0, [], trial)
+    assert manager._checkpoint_results == listed[1:]
+
+
+def test_resume_state_is_the_last_complete_set_tune_wrote(tmp_path):
+    # A kill while Tune's state is copied to the experiment folder leaves one file truncated,
+    # another from an older step, and possibly a newer session's first files; resume must see
+    # exactly the set the backup took right after Tune wrote it. The files are real.
+    staging, experiment = tmp_path / "staging", tmp_path / "experiment"
+    staging.mkdir()
+    experiment.mkdir()
+    saved = {
+        "experiment_state-A.json": b'{"trials": [1, 2, 3]}',
+        "searcher-state-A.pkl": b"\x80\x04searcher knows 1, 2, 3",
+        "search_gen_state-A.json": b'{"counter": 3}',
+    }
+    for name, raw in saved.items():
+        (staging / name).write_bytes(raw)
+    (staging / "experiment.json").write_text("{}")  # Tune's restore copies the manifest in too
+    backup = tune_callbacks.BackUpState()
+    tune_callbacks.DRIVER["experiment_dir"] = experiment
+    try:
+        backup.get_state()  # before Tune's first save: nothing to copy, and no error
+        assert not (experiment / tune_callbacks.STATE_BACKUP).exists()
+        tune_callbacks.DRIVER["staging"] = str(staging)  # as the searcher learns it from Tune
+        backup.get_state()
+    finally:
+        tune_callbacks.DRIVER.clear()
+    (staging / "experiment_state-A.json").write_bytes(b'{"trials": [1, 2, 3, 4')  # Tune rewrites
+    assert sorted(p.name for p in staging.iterdir()) == sorted(saved)  # no stale manifest to sync
+
+    (experiment / "experiment_state-A.json").write_bytes(b"")
+    (experiment / "searcher-state-A.pkl").write_bytes(b"\x80\x04searcher knows 1")
+    (experiment / "experiment_state-B.json").write_bytes(b'{"trials": [1, 2, 3, 4, 5]}')
+    tune_callbacks.restore_state(experiment)
+    on_disk = {p.name: p.read_bytes() for p in experiment.iterdir()}
+    assert on_disk == {**saved, tune_callbacks.STATE_BACKUP: on_disk[tune_callbacks.STATE_BACKUP]}
+
+    (tmp_path / "never_started").mkdir()
+    (tmp_path / "never_started" / "experiment_state-A.json").write_bytes(b"{}")
+    tune_callbacks.restore_state(tmp_path / "never_started")  # no backup: left as Tune wrote it
+    assert (tmp_path / "never_started" / "experiment_state-A.json").read_bytes() == b"{}"
+
+
 def _searcher(sampler: optuna.samplers.BaseSampler) -> tune_search.JalOptunaSearch:
     space = {"alpha": tune.choice([1.0, 10.0]), "a": tune.choice([5.0, 15.0, 30.0])}
     return tune_search.JalOptunaSearch(
