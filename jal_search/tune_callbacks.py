@@ -120,13 +120,13 @@ class BackUpState(tune.Callback):
 def restore_state(experiment_dir: Path) -> None:
     """Make Tune's state files the set `BackUpState` last saved, all together.
 
-    State files the set does not hold (a resume killed in its first step) are removed: Tune
-    would take their newer session over the set's, whatever they hold.
+    State files the set does not hold were written after it, by a run killed before its next
+    backup; they are removed, since Tune would take their newer session whatever they hold.
     """
     try:
         state = json.loads((experiment_dir / STATE_BACKUP).read_text())
     except FileNotFoundError:
-        return  # killed before any trial existed: Tune's own files (if any) are all there is
+        return  # killed before Tune's first save: its own files (if any) are all there is
     for pattern in STATE_FILES:
         for unsaved in experiment_dir.glob(pattern):
             if unsaved.name not in state:
