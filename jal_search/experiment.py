@@ -178,6 +178,8 @@ class TrialRecord:
 MEMBERS = "members"
 # The config key naming a trial's noise setting: one Tune experiment runs every setting.
 SETTING = "setting"
+# The checkpoint key holding the trial's config, as params.json does.
+TRIAL_CONFIG = "trial_config"
 
 
 def unpack(
@@ -204,6 +206,9 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
     """Every trial of one setting (a pack's members one by one), sorted by trial id; tolerant of
     a half-written last line.
 
+    Tune rewrites a trial's params.json and result.json in place, and a kill while it copies them
+    to the storage path can empty them, or a restart can lose rows; every checkpoint holds the
+    trial's config and whole history, so what the files lost comes back from the newest one.
     `failures` maps trial ids to the reason they finally failed (from the manifest).
     """
     records = []
@@ -211,58 +216,74 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
     if not folder.is_dir():
         return records
     for trial_dir in sorted(p for p in folder.iterdir() if (p / "params.json").is_file()):
-        try:
-            config = json.loads((trial_dir / "params.json").read_text())
-        except json.JSONDecodeError:  # e.g. emptied by a kill while Tune copied it: every row
-            config = {}  # carries the config too
-        rows = []
-        result = trial_dir / "result.json"
-        if result.is_file():
-            for line in result.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    row = json.loads(line)
-                    config = config or row.get("config") or {}
-                    row.pop("config", None)
-                    rows.append(row)
+        rows, config = _result_rows(trial_dir)
+        with contextlib.suppress(json.JSONDecodeError):
+            config = json.loads((trial_dir / "params.json").read_text()) or config
+        saved = _newest_checkpoint(trial_dir) if _files_lost(trial_dir, rows, config) else None
+        config = config or (saved or {}).get(TRIAL_CONFIG, {})
         error = failures.get(trial_dir.name)
         unpacked = [unpack(trial_dir.name, config, r) for r in rows]
         for k, (trial_id, params, _) in enumerate(unpack(trial_dir.name, config)):
             kept = _rewound([u[k][2] for u in unpacked if u[k][2] is not None])
-            if [r["training_iteration"] for r in kept] != list(range(1, len(kept) + 1)):
-                kept = _with_gaps_filled(kept, _checkpoint_history(trial_dir, k))
+            if saved is None and _has_gaps(kept):
+                saved = _newest_checkpoint(trial_dir)
+            if saved is not None:
+                history = saved["histories"][k] if "histories" in saved else saved["history"]
+                kept = _with_missing_filled(kept, history)
             records.append(TrialRecord(setting, trial_id, params, kept, error))
     return records
 
 
-def _checkpoint_history(trial_dir: Path, member: int) -> list[dict[str, Any]]:
-    """The metrics of every epoch so far, from the trial's newest readable checkpoint; [] if none.
+def _result_rows(trial_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """result.json's rows without their `config`, and that config (every row carries it)."""
+    rows, config = [], {}
+    result = trial_dir / "result.json"
+    if result.is_file():
+        for line in result.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                config = config or row.get("config") or {}
+                row.pop("config", None)
+                rows.append(row)
+    return rows, config
 
-    Tune can lose rows of a trial's result.json when it restarts the trial (moved off a lost
-    node, retried): it restores the file from the storage copy, which a background sync may be
-    rewriting at that moment. Every checkpoint holds the whole history, so no epoch is lost.
+
+def _files_lost(trial_dir: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> bool:
+    """Whether params.json or result.json lost what the trial's checkpoints hold.
+
+    Tune numbers a trial's checkpoints one per report: fewer rows than the newest number says
+    rows are missing (or, after a restart, were rewound; reading the checkpoint is then harmless).
     """
+    newest = max((p.name for p in trial_dir.glob("checkpoint_*")), default=None)
+    if newest is None:
+        return False
+    return not config or len(rows) < int(newest.removeprefix("checkpoint_")) + 1
+
+
+def _has_gaps(rows: list[dict[str, Any]]) -> bool:
+    return [r["training_iteration"] for r in rows] != list(range(1, len(rows) + 1))
+
+
+def _newest_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
+    """The state in the trial's newest readable checkpoint; None if there is none."""
     from jal_search.train import CheckpointError, load_checkpoint
 
     for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
-        try:
-            state = load_checkpoint(folder)
-        except CheckpointError:
-            continue
-        return state["histories"][member] if "histories" in state else state["history"]
-    return []
+        with contextlib.suppress(CheckpointError):
+            return load_checkpoint(folder)
+    return None
 
 
-def _with_gaps_filled(
+def _with_missing_filled(
     rows: list[dict[str, Any]], history: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """`rows` with the epochs missing before their last one taken from `history`, in epoch order;
-    restored rows are marked `restored_from_checkpoint` (they lack Tune's fields, e.g. node_id)."""
+    """`rows` with the epochs they lack taken from `history`, in epoch order; restored rows are
+    marked `restored_from_checkpoint` (they lack Tune's fields, e.g. node_id)."""
     present = {r["training_iteration"] for r in rows}
-    last = max(present)
     restored = [
         {**m, "training_iteration": int(m["epoch"]), "restored_from_checkpoint": True}
         for m in history
-        if int(m["epoch"]) not in present and int(m["epoch"]) < last
+        if int(m["epoch"]) not in present
     ]
     return sorted(rows + restored, key=lambda r: r["training_iteration"])
 

@@ -30,7 +30,7 @@ from ray.tune.experiment import Trial
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import MEMBERS, SETTING
+from jal_search.experiment import MEMBERS, SETTING, TRIAL_CONFIG
 from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
 from jal_search.tune_callbacks import (
@@ -290,7 +290,7 @@ def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> None:
     plan = plans[params[SETTING]]
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        _report({**metrics, "label_hash": state["label_hash"]}, state)
+        _report({**metrics, "label_hash": state["label_hash"]}, state, params)
 
     sampled = {k: v for k, v in params.items() if k != SETTING}
     run_trial(plan.trial(sampled), report=report, resume=resume)
@@ -317,7 +317,7 @@ def _packed_trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> 
             "members_training": len(state["active"]),
             MEMBERS: members,
         }
-        _report(result, state)
+        _report(result, state, params)
 
     run_packed([plan.trial(p) for p in params[MEMBERS]], report=report, resume=resume)
 
@@ -337,11 +337,16 @@ def _last_checkpoint() -> dict[str, Any] | None:
             return None
 
 
-def _report(result: dict[str, Any], state: dict[str, Any]) -> None:
-    """tune.report with the epoch's checkpoint and the node it ran on (for cluster debugging)."""
+def _report(result: dict[str, Any], state: dict[str, Any], params: dict[str, Any]) -> None:
+    """tune.report with the epoch's checkpoint and the node it ran on (for cluster debugging).
+
+    The checkpoint also holds the trial's config (`params`): a kill while Tune copies the trial's
+    files can empty params.json and result.json, and `experiment.read_trials` then reads both
+    from the checkpoint.
+    """
     node = ray.get_runtime_context().get_node_id()
     with tempfile.TemporaryDirectory(prefix="jal-ckpt-") as directory:
-        save_checkpoint(state, directory)
+        save_checkpoint({**state, TRIAL_CONFIG: params}, directory)
         tune.report(
             {**result, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(directory)
         )

@@ -5,13 +5,14 @@ Part of the Ray adapter (`tune_adapter` and the `tune_*` modules, the only ones 
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import math
 import os
 import shutil
 import time
+import zipfile
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,18 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
-# Tune's experiment and searcher state, and where `BackUpState` keeps their last complete set:
-# JSON, named without .json because Tune's restore copies every .json and .pkl of the experiment
-# folder into its staging folder, whose every file it then copies back at every step.
-STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+# Tune's experiment and searcher state files, per Tune session (its CKPT_FILE_TMPLs), and where
+# `BackUpState` keeps their last complete set: a zip archive, named without .json or .pkl because
+# Tune's restore copies every such file of the experiment folder into its staging folder, whose
+# every file it then copies back at every step.
+STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
 STATE_BACKUP = ".tune-state"
 
 # What the driver's callbacks work with, set for the length of `fit`: the tracker, the hook told
-# when a setting starts, the experiment folder, and (from `tune_search.BySetting`) the folder
-# Tune writes its state to. Tune pickles callbacks with the experiment and, on restore, brings
-# back those copies instead of taking new ones; the callbacks therefore hold no driver objects
-# and find them here.
+# when a setting starts, the experiment folder, and (from `tune_search.BySetting`) the folder and
+# session name Tune saves its state under. Tune pickles callbacks with the experiment and, on
+# restore, brings back those copies instead of taking new ones; the callbacks therefore hold no
+# driver objects and find them here.
 DRIVER: dict[str, Any] = {}
 
 
@@ -101,40 +103,46 @@ class BackUpState(tune.Callback):
     """
 
     def get_state(self) -> None:
-        staging, experiment = DRIVER.get("staging"), DRIVER.get("experiment_dir")
-        if staging is None or experiment is None:
+        staging, session = DRIVER.get("staging"), DRIVER.get("session")
+        experiment = DRIVER.get("experiment_dir")
+        if staging is None or session is None or experiment is None:
             return
         # Restored with Tune's state, a copy of the manifest would overwrite the live one.
         Path(staging, MANIFEST).unlink(missing_ok=True)
-        state = {
-            source.name: base64.b64encode(source.read_bytes()).decode()
-            for pattern in STATE_FILES
-            for source in Path(staging).glob(pattern)
-        }
         backup = Path(experiment, STATE_BACKUP)  # experiments are local or NFS paths
         tmp = backup.with_name(f"{STATE_BACKUP}.tmp")
-        tmp.write_text(json.dumps(state))
+        with zipfile.ZipFile(tmp, "w") as archive:  # stored: the copy costs what the bytes do
+            for name in (template.format(session) for template in STATE_FILES):
+                if Path(staging, name).is_file():
+                    archive.write(Path(staging, name), name)
         os.replace(tmp, backup)
 
 
 def restore_state(experiment_dir: Path) -> None:
     """Make Tune's state files the set `BackUpState` last saved, all together.
 
-    State files the set does not hold were written after it, by a run killed before its next
-    backup; they are removed, since Tune would take their newer session whatever they hold.
+    State files the set does not hold are removed: older sessions', which Tune no longer reads,
+    and any written after the set by a run killed before its next backup, which Tune would
+    otherwise take, whatever they hold.
     """
     try:
-        state = json.loads((experiment_dir / STATE_BACKUP).read_text())
-    except FileNotFoundError:
-        return  # killed before Tune's first save: its own files (if any) are all there is
-    for pattern in STATE_FILES:
-        for unsaved in experiment_dir.glob(pattern):
-            if unsaved.name not in state:
-                unsaved.unlink()
-    for name, encoded in state.items():
-        tmp = experiment_dir / f".{name}.tmp"
-        tmp.write_bytes(base64.b64decode(encoded))
-        os.replace(tmp, experiment_dir / name)
+        archive = zipfile.ZipFile(experiment_dir / STATE_BACKUP)
+    except (FileNotFoundError, zipfile.BadZipFile):
+        return  # killed before Tune's first save (or the set is damaged): Tune's own files it is
+    with archive:
+        names = [n for n in archive.namelist() if _is_state_file(n)]  # nothing else, nowhere else
+        for pattern in (template.format("*") for template in STATE_FILES):
+            for unsaved in experiment_dir.glob(pattern):
+                if unsaved.name not in names:
+                    unsaved.unlink()
+        for name in names:
+            tmp = experiment_dir / f".{name}.tmp"
+            tmp.write_bytes(archive.read(name))
+            os.replace(tmp, experiment_dir / name)
+
+
+def _is_state_file(name: str) -> bool:
+    return "/" not in name and any(fnmatch(name, t.format("*")) for t in STATE_FILES)
 
 
 class KeepResultsOnRestart(tune.Callback):

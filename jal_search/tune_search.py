@@ -87,10 +87,10 @@ class BySetting(Searcher):
         self._saved.pop(name, None)
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
-        """Tune's save, and where it is: Tune tells the searcher the folder it writes its state
-        to, not the callbacks, and `tune_callbacks.BackUpState` copies the state from there."""
+        """Tune's save, and where: Tune tells the searcher (not the callbacks) the folder and
+        session name it saves its state under; `tune_callbacks.BackUpState` copies it from there."""
         super().save_to_dir(checkpoint_dir, session_str)
-        DRIVER["staging"] = checkpoint_dir
+        DRIVER.update(staging=checkpoint_dir, session=session_str)
 
     def save(self, checkpoint_path: str) -> None:
         """One JSON file: the suggestion bookkeeping and each setting's own saved state."""

@@ -525,3 +525,31 @@ def test_a_params_file_emptied_by_a_kill_is_read_from_the_result_rows(tmp_path):
     assert record.config == {"alpha": 2.0, "beta": 0.5}
     assert [r["val_acc"] for r in record.history] == [0.1, 0.2]
     assert all("config" not in r for r in record.history)
+
+
+def test_a_trial_whose_files_a_kill_emptied_is_read_from_its_checkpoint(tmp_path):
+    # Tune copies every trial's files to the experiment folder at every step, in place: a kill
+    # mid-copy can empty params.json and result.json of a trial that finished long before.
+    from jal_search.experiment import TRIAL_CONFIG, read_trials
+    from jal_search.train import save_checkpoint
+
+    trial = tmp_path / "symmetric-0.4" / "t1"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text("")
+    (trial / "result.json").write_text("")
+    history = [{"epoch": float(e), "val_acc": e / 10, "epoch_seconds": 0.5} for e in (1, 2, 3)]
+    config = {"alpha": 2.0, "beta": 0.5, "setting": "symmetric-0.4"}
+    save_checkpoint(
+        {"epoch": 3, "history": history, TRIAL_CONFIG: config}, trial / "checkpoint_000002"
+    )
+    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
+    assert record.config == {"alpha": 2.0, "beta": 0.5}
+    assert [r["training_iteration"] for r in record.history] == [1, 2, 3]
+    assert [r["val_acc"] for r in record.history] == [0.1, 0.2, 0.3]
+    assert all(r["restored_from_checkpoint"] for r in record.history)
+    # Rows cut at the end come back too; rows that are there stay as Tune wrote them.
+    rows = [{**history[0], "training_iteration": 1, "config": config, "node_id": "n1"}]
+    (trial / "result.json").write_text(json.dumps(rows[0]) + "\n")
+    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
+    assert [r["training_iteration"] for r in record.history] == [1, 2, 3]
+    assert [r.get("node_id") for r in record.history] == ["n1", None, None]

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,7 +94,7 @@ def test_resume_state_is_the_last_complete_set_tune_wrote(tmp_path):
     try:
         backup.get_state()  # before Tune's first save: nothing to copy, and no error
         assert not (experiment / tune_callbacks.STATE_BACKUP).exists()
-        tune_callbacks.DRIVER["staging"] = str(staging)  # as the searcher learns it from Tune
+        tune_callbacks.DRIVER.update(staging=str(staging), session="A")  # as the searcher hears
         backup.get_state()
     finally:
         tune_callbacks.DRIVER.clear()
@@ -106,6 +107,21 @@ def test_resume_state_is_the_last_complete_set_tune_wrote(tmp_path):
     tune_callbacks.restore_state(experiment)
     on_disk = {p.name: p.read_bytes() for p in experiment.iterdir()}
     assert on_disk == {**saved, tune_callbacks.STATE_BACKUP: on_disk[tune_callbacks.STATE_BACKUP]}
+    (experiment / tune_callbacks.STATE_BACKUP).write_bytes(b"PK\x03\x04 cut")  # damaged set
+    tune_callbacks.restore_state(experiment)  # Tune's own files stay: no error, nothing removed
+    assert {p.name: p.read_bytes() for p in experiment.iterdir()} == {
+        **saved,
+        tune_callbacks.STATE_BACKUP: b"PK\x03\x04 cut",
+    }
+
+    with zipfile.ZipFile(experiment / tune_callbacks.STATE_BACKUP, "w") as crafted:
+        crafted.writestr("../experiment_state-Z.json", "{}")  # outside the experiment
+        crafted.writestr("tuner.pkl", b"\x80\x04not Tune's")  # not a state file
+        crafted.writestr("experiment_state-A.json", b'{"trials": []}')
+    tune_callbacks.restore_state(experiment)
+    assert not (tmp_path / "experiment_state-Z.json").exists()
+    assert not (experiment / "tuner.pkl").exists()
+    assert (experiment / "experiment_state-A.json").read_bytes() == b'{"trials": []}'
 
     (tmp_path / "never_started").mkdir()
     (tmp_path / "never_started" / "experiment_state-A.json").write_bytes(b"{}")
