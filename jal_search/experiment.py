@@ -254,10 +254,11 @@ def _files_lost(trial_dir: Path, rows: list[dict[str, Any]], config: dict[str, A
     Tune numbers a trial's checkpoints one per report: fewer rows than the newest number says
     rows are missing (or, after a restart, were rewound; reading the checkpoint is then harmless).
     """
-    newest = max((p.name for p in trial_dir.glob("checkpoint_*")), default=None)
+    names = (p.name.removeprefix("checkpoint_") for p in trial_dir.glob("checkpoint_*"))
+    newest = max((int(n) for n in names if n.isdigit()), default=None)
     if newest is None:
         return False
-    return not config or len(rows) < int(newest.removeprefix("checkpoint_")) + 1
+    return not config or len(rows) < newest + 1
 
 
 def _has_gaps(rows: list[dict[str, Any]]) -> bool:
