@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.execution.tune_controller import TuneController
+from ray.tune.search import Searcher, SearchGenerator
 
 from jal_search.errors import UserError
 from jal_search.experiment import MANIFEST, SETTING, TrialRecord, unpack
@@ -26,11 +28,15 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # its state, result and params files in place, and a disk that fills completely truncates them.
 STORAGE_RESERVE = 64 << 20
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
-# Tune's experiment and searcher state files, per Tune session (its CKPT_FILE_TMPLs), and where
-# `BackUpState` keeps their last complete set: a zip archive, named without .json or .pkl because
-# Tune's restore copies every such file of the experiment folder into its staging folder, whose
-# every file it then copies back at every step.
-STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
+# Tune's experiment and searcher state files, per Tune session, and where `BackUpState` keeps
+# their last complete set: a zip archive, named without .json or .pkl because Tune's restore
+# copies every such file of the experiment folder into its staging folder, whose every file it
+# then copies back at every step.
+STATE_FILES = (
+    TuneController.CKPT_FILE_TMPL,  # experiment_state-{}.json
+    SearchGenerator.CKPT_FILE_TMPL,  # search_gen_state-{}.json
+    Searcher.CKPT_FILE_TMPL,  # searcher-state-{}.pkl
+)
 STATE_BACKUP = ".tune-state"
 
 # What the driver's callbacks work with, set for the length of `fit`: the tracker, the hook told
