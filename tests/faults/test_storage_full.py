@@ -101,8 +101,11 @@ def test_a_full_disk_stops_the_search_cleanly_and_resume_completes_it(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = trial_epochs(experiment)
     assert len(after) == TRIALS and all(c[-1] == EPOCHS for c in after.values())
-    for trial, curve in done_before.items():
-        assert after[trial] == curve  # finished before the disk filled: kept, not rerun
+    for trial, curve in done_before.items():  # finished before the disk filled: kept, not rerun
+        # (one that ended in the instant before the stop, before Tune's snapshot, may retrain its
+        # last epoch, as after a kill: docs/guarantees.md; the tables keep one row per epoch)
+        assert after[trial][: len(curve)] == curve
+        assert set(after[trial][len(curve) :]) <= {curve[-1]}
     for trial, curve in before.items():
         assert after[trial][: len(curve)] == curve  # the others continued, nothing lost
     tables = jal("results", str(experiment), env=env)
