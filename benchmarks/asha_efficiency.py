@@ -7,7 +7,7 @@ prefixes of these curves — and records each trial's per-epoch `val_acc`. ASHA 
 replayed on those curves with as many trials as the grid has configurations, configured as
 `tune_search` configures a real search: every stop decision comes from Ray's own
 `ASHAScheduler` (`_scheduler`'s arguments: max_t = the epochs, one bracket, stop_last_trials); TPE
-is `tune_search.JalOptunaSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
+is `tune_search.SettingSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
 10 startup trials, the paper's config first when it lies on the grid, early-stopped trials told
 as PRUNED, no config trained twice); trials run two at a time (quick.yaml's
 max_concurrent_trials on 2 CPUs) and every epoch takes the same time, so ASHA sees results in
@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -177,37 +177,34 @@ def replay(
     running trials (Optuna's default, no constant liar), as in Ray's OptunaSearch.
     """
     import heapq
+    import tempfile
 
     import numpy as np
     import optuna
-    from ray import tune
+    from optuna.distributions import CategoricalDistribution
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from jal_search.tune_search import JalOptunaSearch
+    from jal_search.tune_search import SettingSearch
 
-    class WithRepeats(JalOptunaSearch):  # Ray's suggest: TPE may propose a tried config again
-        def suggest(self, trial_id: str) -> dict | None:
-            return OptunaSearch.suggest(self, trial_id)
+    class WithRepeats(SettingSearch):  # TPE may propose a tried config again (Ray's OptunaSearch)
+        def _ask(self) -> optuna.Trial:
+            return self.study.ask(self.space)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Ray warns that the space is given to the searcher and that the sampler carries the seed:
-    # both are on purpose here (no Tuner; `seed` also seeds the searcher's untried fallback).
-    logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
     np.random.seed(seed)  # ASHA draws each trial's bracket from NumPy's global generator
     keys = list(setup.grid)
     paper = options.paper_first and all(PAPER[k] in setup.grid[k] for k in keys)
-    searcher = (WithRepeats if options.with_repeats else JalOptunaSearch)(
+    folder = Path(tempfile.mkdtemp(prefix="jal-replay-"))  # the study's file, as in a search
+    searcher = (WithRepeats if options.with_repeats else SettingSearch)(
+        folder,
+        len(curves),
         setup.max_epochs,
-        space={k: tune.choice(v) for k, v in setup.grid.items()},
-        metric="val_acc",
-        mode="max",
-        points_to_evaluate=[{k: PAPER[k] for k in keys}] if paper else None,
+        seed,
+        space={k: CategoricalDistribution(v) for k, v in setup.grid.items()},
+        first=[{k: PAPER[k] for k in keys}] if paper else [],
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup),
-        seed=seed,
     )
     scheduler = ASHAScheduler(  # as tune_search._scheduler builds it
-        time_attr="training_iteration",
+        time_attr="epoch",
         metric="val_acc",
         mode="max",
         max_t=setup.max_epochs,
@@ -222,12 +219,12 @@ def replay(
 
     def start(now: int) -> None:
         nonlocal started
-        n, started = started, started + 1
-        config = searcher.suggest(str(n))
-        tune_trial = SimpleNamespace(trial_id=str(n))
+        started += 1
+        number, config = searcher.next()
+        tune_trial = SimpleNamespace(trial_id=str(number))
         scheduler.on_trial_add(None, tune_trial)
-        running[n] = (tune_trial, curves[tuple(config[k] for k in keys)])
-        heapq.heappush(queue, (now + 1, n, 1))
+        running[number] = (tune_trial, curves[tuple(config[k] for k in keys)])
+        heapq.heappush(queue, (now + 1, number, 1))
 
     started = 0
     spent, finished = 0, []
@@ -237,20 +234,21 @@ def replay(
         now, n, epoch = heapq.heappop(queue)
         tune_trial, curve = running[n]
         value = curve[epoch - 1]
-        result = {"training_iteration": epoch, "val_acc": value}
-        searcher.on_trial_result(str(n), result)
+        result = {"epoch": epoch, "val_acc": value, "diverged": 0.0}
+        searcher.report(n, epoch, value)
         spent += 1
         stop = scheduler.on_trial_result(None, tune_trial, result) == "STOP"
         if epoch < setup.max_epochs and not stop:
             heapq.heappush(queue, (now + 1, n, epoch + 1))
             continue
         scheduler.on_trial_complete(None, tune_trial, result)
-        searcher.on_trial_complete(str(n), result)  # stopped early: told as PRUNED
+        searcher.tell(n, result)  # stopped early: told as PRUNED
         del running[n]
         if epoch >= setup.max_epochs:
             finished.append(value)
         if started < trials:
             start(now)
+    shutil.rmtree(folder)
     return Replay(spent, max(finished, default=-math.inf))
 
 

@@ -1,7 +1,8 @@
 """What a search costs beyond its trials: wall time vs the ideal (trial time / concurrency).
 
 Runs a shipped spec exactly as `jal-search run` does (private local Ray, Tune + Optuna + ASHA,
-reuse_actors, per-epoch checkpoints, MLflow on SQLite) and compares its wall time with the ideal:
+reuse_actors, per-epoch journal rows and checkpoints, MLflow on SQLite) and compares its wall
+time with the ideal:
 the sum over trials of their training time (`epoch_seconds`, the loop's own clock) divided by the
 concurrency, min(max_concurrent_trials, CPUs / cpus_per_trial). Measured separately, before the
 search: Ray's start-up (`tune_adapter.connect` of a private cluster) and an actor's start-up (a new
@@ -111,7 +112,7 @@ def main() -> None:
     )
     print(f"  wall {wall:.1f} s; training (Σ epoch_seconds) {training:.1f} s; ideal {ideal:.1f} s")
     print(
-        f"  inside trainables (Σ time_total_s) {trainable:.1f} s, "
+        f"  trained (Σ time_total_s) {trainable:.1f} s, "
         f"/concurrency {trainable / concurrency:.1f} s"
     )
     print(
@@ -130,7 +131,8 @@ def main() -> None:
 def busy_span(histories) -> tuple[float, float]:
     """(seconds from the first trial's start to the last result, Σ trainable seconds).
 
-    From Tune's per-result `timestamp` (whole seconds) and `time_total_s`.
+    From the journals' per-epoch `timestamp` and `time_total_s` (the trial's training time so
+    far: its set-up before the first epoch is not counted).
     """
     starts, ends, work = [], [], 0.0
     for rows in histories:

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         hint = " (an interrupted search continues with `jal-search resume EXPERIMENT`)"
-        resumable = getattr(args, "verb", None) in ("run", "resume")
+        resumable = getattr(args, "verb", None) in ("run", "resume", "extend")
         print(f"jal-search: interrupted{hint if resumable else ''}", file=sys.stderr)
         return 130
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     _add_run(verbs)
     _add_resume(verbs)
+    _add_extend(verbs)
     _add_spaces(verbs)
     _add_validate(verbs)
     _add_results(verbs)
@@ -121,6 +122,37 @@ def _resume(args: argparse.Namespace) -> int:
 
     search.resume(
         args.experiment,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        tracking_uri=args.tracking_uri,
+    )
+    return 0
+
+
+def _add_extend(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "extend",
+        help="run more trials in a search, its searchers warm with every trial so far",
+        description="Run N more trials per noise setting in the same experiment (or in the "
+        "settings named); each setting's Optuna study carries on where it stopped.",
+    )
+    _add_experiment_arg(p)
+    p.add_argument("--trials", type=int, required=True, help="trials to add per setting")
+    p.add_argument(
+        "--setting", action="append", help="extend only this setting (repeatable; default: all)"
+    )
+    _add_cluster_args(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=_extend)
+
+
+def _extend(args: argparse.Namespace) -> int:
+    from jal_search import search
+
+    search.extend(
+        args.experiment,
+        args.trials,
+        settings=args.setting,
         address=args.address,
         num_cpus=args.num_cpus,
         tracking_uri=args.tracking_uri,

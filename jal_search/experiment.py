@@ -4,16 +4,16 @@ Layout under `<storage_path>/<name>/`:
 
     experiment.json       the manifest: spec, noise settings (+ AMSE bound, status), versions
     .lock                 held by the driver that runs or resumes the search
-    experiment_state-*.json, tuner.pkl, searcher-state-*.pkl, …   Tune's (one experiment)
-    .tune-state           the last complete set of Tune's state files, put back on resume
+    tune/                 Tune's experiment of the latest run or resume: nothing is read from it
     <setting>/            one folder per noise setting (e.g. symmetric-0.4)
-        <trial_id>/result.json   one JSON line per epoch (metrics, config, training_iteration)
+        optuna.journal    the setting's searcher: its Optuna study (every trial asked and told)
+        <trial>/          one trial: its journal and checkpoints (`journal.py`)
 
-Failed trials are listed in the manifest (`failures`, trial id → reason) once the search ends:
-Tune's own `error.txt` also appears for trials that failed and then succeeded on retry.
+Failed trials are listed in the manifest (`failures`, trial id → reason) once the search ends.
 
-Tune's per-trial files are the source of truth for results and for MLflow sync: they are written
-on every report and survive an MLflow outage or a killed driver.
+The trials' journals are the record of what happened, for results and for MLflow sync: each trial
+writes its own, an epoch's row before the epoch's checkpoint, so a killed driver, a lost node or
+an MLflow outage never loses a finished epoch.
 """
 
 from __future__ import annotations
@@ -153,13 +153,14 @@ def git_sha() -> str:
 
 @dataclass
 class TrialRecord:
-    """One trial as Tune left it on disk."""
+    """One trial as its journal records it (`journal.py`)."""
 
     setting: str
     trial_id: str
     config: dict[str, Any]  # the sampled parameters
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
     error: str | None = None
+    resolved: dict[str, Any] | None = None  # the TrialConfig that trained, every knob filled
 
     def status(self, max_epochs: int, setting_done: bool) -> str:
         """completed / stopped (by ASHA) / diverged / failed / running (setting not finished)."""
@@ -167,141 +168,74 @@ class TrialRecord:
             return "failed"
         if self.history and self.history[-1].get("diverged", 0.0) >= 1.0:
             return "diverged"
-        if self.history and self.history[-1].get("training_iteration", 0) >= max_epochs:
+        if self.history and self.history[-1].get("epoch", 0) >= max_epochs:
             return "completed"
         return "stopped" if setting_done else "running"
 
 
+# The config keys Tune trials carry besides the sampled parameters: one Tune experiment runs every
+# noise setting (SETTING), and each trial is named by its searcher (TRIAL, e.g. "t00007"), which
+# is also its folder under the setting's.
+SETTING = "setting"
+TRIAL = "trial"
 # A packed Tune trial (spec `pack: K`) trains several configs: its config holds their sampled
 # parameters under MEMBERS, and each result row their metrics under MEMBERS, keyed "0", "1", ….
-# Everywhere downstream (results, MLflow) each member is a trial of its own, `<trial id>-m<k>`.
+# Everywhere downstream (results, MLflow) each member is a trial of its own, `<trial>-m<k>`.
 MEMBERS = "members"
-# The config key naming a trial's noise setting: one Tune experiment runs every setting.
-SETTING = "setting"
-# The checkpoint key holding the trial's config, as params.json does.
-TRIAL_CONFIG = "trial_config"
+
+
+def member_id(trial: str, k: int) -> str:
+    return f"{trial}-m{k}"
 
 
 def unpack(
-    trial_id: str, config: dict[str, Any], row: dict[str, Any] | None = None
+    config: dict[str, Any], row: dict[str, Any] | None = None
 ) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
     """(trial id, parameters, result row) of each config a Tune trial trains.
 
     A plain trial is itself; a pack gives one entry per member, whose row is the pack's row with
     the member's metrics in place of the pack's (None when the member did not train that epoch).
     """
+    trial = config[TRIAL]
     members = config.get(MEMBERS)
     if members is None:
-        return [(trial_id, {k: v for k, v in config.items() if k != SETTING}, row)]
+        return [(trial, {k: v for k, v in config.items() if k not in (SETTING, TRIAL)}, row)]
     shared = None if row is None else {k: v for k, v in row.items() if k != MEMBERS}
     out = []
     for k, params in enumerate(members):
         mine = None if row is None else (row.get(MEMBERS) or {}).get(str(k))
         merged = None if shared is None or mine is None else {**shared, **mine}
-        out.append((f"{trial_id}-m{k}", params, merged))
+        out.append((member_id(trial, k), params, merged))
     return out
 
 
 def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[TrialRecord]:
-    """Every trial of one setting (a pack's members one by one), sorted by trial id; tolerant of
-    a half-written last line.
+    """Every trial of one setting (a pack's members one by one), sorted by trial id, as their
+    journals hold them; `failures` maps trial ids to the reason they finally failed (from the
+    manifest). Rows also carry `training_iteration` (their epoch) and `time_total_s` (the
+    trial's training time up to that epoch), for the tables."""
+    from jal_search.journal import read_journal
 
-    Tune rewrites a trial's params.json and result.json in place, and a kill while it copies them
-    to the storage path can empty them, or a restart can lose rows; every checkpoint holds the
-    trial's config and whole history, so what the files lost comes back from the newest one.
-    `failures` maps trial ids to the reason they finally failed (from the manifest).
-    """
     records = []
     folder = path / setting
     if not folder.is_dir():
         return records
-    for trial_dir in sorted(p for p in folder.iterdir() if (p / "params.json").is_file()):
-        rows, config = _result_rows(trial_dir)
-        with contextlib.suppress(json.JSONDecodeError):
-            config = json.loads((trial_dir / "params.json").read_text()) or config
-        saved = _newest_checkpoint(trial_dir) if _files_lost(trial_dir, rows, config) else None
-        config = config or (saved or {}).get(TRIAL_CONFIG, {})
-        error = failures.get(trial_dir.name)
-        unpacked = [unpack(trial_dir.name, config, r) for r in rows]
-        for k, (trial_id, params, _) in enumerate(unpack(trial_dir.name, config)):
-            kept = _rewound([u[k][2] for u in unpacked if u[k][2] is not None])
-            if saved is None and _has_gaps(kept):
-                saved = _newest_checkpoint(trial_dir)
-            if saved is not None:
-                history = saved["histories"][k] if "histories" in saved else saved["history"]
-                kept = _with_missing_filled(kept, history)
-            records.append(TrialRecord(setting, trial_id, params, kept, error))
+    for trial_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        header, rows = read_journal(trial_dir)
+        if header is None:
+            continue  # a pack's own folder (checkpoints only), or not a trial
+        history, total = [], 0.0
+        for r in rows:
+            total += r.get("epoch_seconds", 0.0)
+            history.append({**r, "training_iteration": int(r["epoch"]), "time_total_s": total})
+        records.append(
+            TrialRecord(
+                setting,
+                trial_dir.name,
+                dict(header.get("params") or {}),
+                history,
+                failures.get(trial_dir.name),
+                header.get("config"),
+            )
+        )
     return records
-
-
-def _result_rows(trial_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """result.json's rows without their `config`, and that config (every row carries it)."""
-    rows, config = [], {}
-    result = trial_dir / "result.json"
-    if result.is_file():
-        for line in result.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                config = config or row.get("config") or {}
-                row.pop("config", None)
-                rows.append(row)
-    return rows, config
-
-
-def _files_lost(trial_dir: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> bool:
-    """Whether params.json or result.json lost what the trial's checkpoints hold.
-
-    Tune numbers a trial's checkpoints one per report: fewer rows than the newest number says
-    rows are missing (or, after a restart, were rewound; reading the checkpoint is then harmless).
-    """
-    names = (p.name.removeprefix("checkpoint_") for p in trial_dir.glob("checkpoint_*"))
-    newest = max((int(n) for n in names if n.isdigit()), default=None)
-    if newest is None:
-        return False
-    return not config or len(rows) < newest + 1
-
-
-def _has_gaps(rows: list[dict[str, Any]]) -> bool:
-    return [r["training_iteration"] for r in rows] != list(range(1, len(rows) + 1))
-
-
-def _newest_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
-    """The state in the trial's newest readable checkpoint; None if there is none."""
-    from jal_search.train import CheckpointError, load_checkpoint
-
-    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
-        with contextlib.suppress(CheckpointError):
-            return load_checkpoint(folder)
-    return None
-
-
-def _with_missing_filled(
-    rows: list[dict[str, Any]], history: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """`rows` with the epochs they lack taken from `history`, in epoch order; restored rows are
-    marked `restored_from_checkpoint` (they lack Tune's fields, e.g. node_id)."""
-    present = {r["training_iteration"] for r in rows}
-    restored = [
-        {**m, "training_iteration": int(m["epoch"]), "restored_from_checkpoint": True}
-        for m in history
-        if int(m["epoch"]) not in present
-    ]
-    return sorted(rows + restored, key=lambda r: r["training_iteration"])
-
-
-def _rewound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per epoch of the run that produced the trial's final state.
-
-    A retried trial re-reports from where it resumed: a row for epoch e replaces every row from
-    epoch e on. Epochs are the trial's own `epoch` metric, set back into `training_iteration`:
-    Tune's counter keeps counting when a trial restarts from epoch 0 (its checkpoint was
-    unreadable), so it can exceed the epochs actually trained.
-    """
-    kept: list[dict[str, Any]] = []
-    for row in rows:
-        epoch = row.get("epoch", row.get("training_iteration"))
-        if epoch is None:
-            continue
-        kept = [r for r in kept if r["training_iteration"] < int(epoch)]
-        kept.append({**row, "training_iteration": int(epoch)})
-    return kept

@@ -1,6 +1,6 @@
 """A search's results as tables, the best config per noise setting, export, and final summaries.
 
-Everything is read from Tune's per-trial files (`experiment.read_trials`), never from MLflow,
+Everything is read from the trials' journals (`experiment.read_trials`), never from MLflow,
 which may be partial. Files under `<experiment>/results/`, each written atomically (a temporary
 file, then `os.replace`: a crash never leaves a half-written file):
 
@@ -50,6 +50,7 @@ import yaml
 from jal_search import experiment as exp
 from jal_search.config import TrialConfig, trial_config
 from jal_search.errors import UserError
+from jal_search.journal import JOURNAL
 from jal_search.spec import SearchSpec, SettingPlan, parse_spec, plan
 
 RESULTS_DIR = "results"
@@ -68,7 +69,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("noise_rate", pa.float64(), "et", "nominal noise rate; null for human/custom label sets"),
     ("trial_id", pa.string(), "et", "Tune's trial id (the trial's folder name)"),
     # param_<name> columns go here (float64, one per searched hyperparameter)
-    ("epoch", pa.int32(), "e", "1-based epoch (Tune's training_iteration)"),
+    ("epoch", pa.int32(), "e", "1-based epoch"),
     ("train_loss", pa.float64(), "e", "mean training loss of the epoch (NaN: diverged)"),
     ("noisy_fit", pa.float64(), "e", "fraction of training samples predicted as their noisy label"),
     ("memorized", pa.float64(), "e", "fraction of mislabelled samples fitted to the wrong label"),
@@ -77,7 +78,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("lr", pa.float64(), "e", "learning rate used in the epoch"),
     ("noise_realised", pa.float64(), "et", "realised fraction of wrong training labels"),
     ("epoch_seconds", pa.float64(), "e", "wall time of the epoch's training and evaluation"),
-    ("time_total_s", pa.float64(), "et", "the trial's wall time up to this (the last) epoch"),
+    ("time_total_s", pa.float64(), "et", "the trial's training time up to this (the last) epoch"),
     ("diverged", pa.bool_(), "e", "the epoch's loss was not finite (the trial ends there)"),
     ("label_hash", pa.string(), "et", "hash of the trial's noisy label vector"),
     ("status", pa.string(), "t", "completed, stopped (by ASHA), diverged, failed, running"),
@@ -143,7 +144,7 @@ def columns_markdown() -> str:
 # ------------------------------------------------------------------------------ the experiment
 @dataclass(frozen=True)
 class Setting:
-    """One noise setting as the manifest and Tune's files describe it."""
+    """One noise setting as the manifest and its trials' journals describe it."""
 
     name: str
     plan: SettingPlan
@@ -218,10 +219,11 @@ def load_experiment(ref: str | Path) -> Experiment:
             )
         for record in trials:
             missing = [k for k in plans[name].space if not _is_number(record.config.get(k))]
-            if missing:
+            if missing or record.resolved is None:
+                what = f"no numeric value for {missing[0]!r}" if missing else "no config"
                 raise UserError(
-                    f"{path / name / record.trial_id / 'params.json'}: no numeric value for "
-                    f"{missing[0]!r}; the trial folder is damaged: restore or remove it"
+                    f"{path / name / record.trial_id / JOURNAL}: {what} in its header; the "
+                    "trial folder is damaged: restore or remove it"
                 )
         a_min = entry.get("a_min")
         settings.append(
@@ -301,7 +303,7 @@ def trials_table(ref: Ref) -> pa.Table:
             last = history[-1] if history else {}
             scored = [h for h in history if _finite(h.get("val_acc"))]
             peak = max(scored, key=lambda h: h["val_acc"]) if scored else {}  # earliest on ties
-            config = s.plan.trial({k: v for k, v in record.config.items() if _is_number(v)})
+            config = recorded_config(ex, s.name, record.trial_id)
             a, a_min = _number(record.config.get("a")), s.a_min
             rows.append(
                 {
@@ -377,6 +379,15 @@ class Selection:
     epochs: int  # epochs the trial reached
     status: str
     params: dict[str, float]
+
+
+def recorded_config(ex: Experiment, setting: str, trial_id: str) -> TrialConfig:
+    """The config a trial trained, as its journal recorded it (never recomputed from today's
+    spec, profiles or loss tables, which may have changed since)."""
+    s = next(s for s in ex.settings if s.name == setting)
+    record = next(r for r in s.trials if r.trial_id == trial_id)
+    where = f"{ex.path / setting / trial_id / JOURNAL}:config"
+    return trial_config(record.resolved or {}, where=where)
 
 
 def check_scope(scope: str, last_k: int) -> None:
@@ -522,7 +533,6 @@ def export(ref: Ref, out: Path, scope: str = "last", last_k: int = 3) -> Path:
     chosen = select_best(trials_table(ex), epochs_table(ex), scope, last_k)
     if not chosen:
         raise UserError(f"experiment {ex.path}: no eligible trial to export (all failed/diverged)")
-    plans = {s.name: s.plan for s in ex.settings}
     doc = {
         "source": {
             "experiment": ex.name,
@@ -537,7 +547,7 @@ def export(ref: Ref, out: Path, scope: str = "last", last_k: int = 3) -> Path:
                 "val_acc": s.val_acc,
                 "test_acc": s.test_acc,
                 "epochs_reached": s.epochs,
-                "config": plans[name].trial(s.params).resolve().model_dump(mode="json"),
+                "config": recorded_config(ex, name, s.trial_id).model_dump(mode="json"),
             }
             for name, s in chosen.items()
         },

@@ -3,9 +3,10 @@
 Each setting has its own searcher and scheduler; its trials are started once the previous
 setting's have all been started, so they fill the slots its last trials leave idle, and trials
 run concurrently up to `max_concurrent_trials` (resources per trial). A setting is marked running
-when its first trial starts and done when the whole search has finished; `resume` restores the
-Tune experiment: finished trials are never rerun, unfinished ones continue from their last
-checkpoint, and the searchers' state (Optuna studies) comes back with Tune's own restore.
+when its first trial starts and done when the whole search has finished; `resume` carries on
+from the record on disk (each setting's Optuna study, each trial's journal and checkpoints):
+finished trials are never rerun, unfinished ones continue from their last checkpoint, and no
+trial is sampled in place of one that was already asked.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from typing import Any
 from jal_search import experiment as exp
 from jal_search import results
 from jal_search.errors import UserError
-from jal_search.spec import SearchSpec, SettingPlan, load_spec, parse_spec, plan
+from jal_search.spec import (
+    SearchSpec,
+    SettingPlan,
+    load_spec,
+    parse_spec,
+    plan,
+    trial_count,
+    with_trials,
+)
 
 
 def run(
@@ -84,6 +93,7 @@ def new_manifest(spec: SearchSpec, plans: list[SettingPlan], source: str) -> dic
                 "a_min": None if p.a_min is None or math.isinf(p.a_min) else p.a_min,
                 "amse_bound": spec.amse_bound if p.a_min is not None else None,
                 "status": "pending",
+                "trials": trial_count(spec, p),  # raised by `extend`
                 "failures": {},
             }
             for p in plans
@@ -110,6 +120,52 @@ def resume(
     with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
         _drive(spec, plan(spec), path, tracker)
     return path
+
+
+def extend(
+    ref: str,
+    trials: int,
+    *,
+    settings: list[str] | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """Run `trials` more trials in each noise setting (or in those named), in the same
+    experiment: each setting's searcher carries on from its study, warm with every trial so far.
+    An unfinished search is finished on the way, as by `resume`."""
+    if trials < 1:
+        raise UserError(f"--trials: must be at least 1, got {trials}")
+    path = exp.find_experiment(ref)
+    manifest = exp.read_manifest(path)
+    from jal_search import tune_adapter
+
+    names = [s["name"] for s in manifest["settings"]]
+    tune_adapter.refuse_older_layout(path, names)
+    spec = parse_spec(manifest["spec"], where="experiment.json")
+    unknown = sorted(set(settings or []) - set(names))
+    if unknown:
+        raise UserError(
+            f"--setting: {unknown[0]!r} is not a setting of {path.name} ({', '.join(names)})"
+        )
+    if spec.pack > 1 or spec.searcher.type == "grid":
+        what = "packed searches (pack: K)" if spec.pack > 1 else "grid searches"
+        raise UserError(f"extend: {what} run a fixed set of configs; run a new spec instead")
+    plans = {p.name: p for p in plan(spec)}
+    with exp.locked(path):
+        for entry in manifest["settings"]:
+            if settings and entry["name"] not in settings:
+                continue
+            wanted = entry["trials"] + trials
+            most = trial_count(with_trials(spec, wanted), plans[entry["name"]])
+            if most <= entry["trials"]:
+                raise UserError(
+                    f"--trials: setting {entry['name']} has run every config of its finite "
+                    f"space ({entry['trials']}); widen the space in a new spec instead"
+                )
+            entry.update(trials=most, status="pending")
+        exp.write_json_atomic(path / exp.MANIFEST, manifest)
+    return resume(str(path), address=address, num_cpus=num_cpus, tracking_uri=tracking_uri)
 
 
 def sync(ref: str, tracking_uri: str | None = None) -> str:
@@ -153,10 +209,9 @@ def evaluate(
     chosen = results.best(ex, scope=scope)
     if not chosen:
         raise UserError(f"experiment {path}: no eligible trial to evaluate (all failed/diverged)")
-    plans = {s.name: s.plan for s in ex.settings}
     jobs = []
     for name, best in chosen.items():
-        config = plans[name].trial(best.params).resolve()
+        config = results.recorded_config(ex, name, best.trial_id)
         for seed in range(config.seed, config.seed + seeds):
             jobs.append((name, config.model_copy(update={"seed": seed, "noise_seed": seed})))
     cluster = tune_adapter.connect(address, num_cpus)
@@ -236,11 +291,12 @@ def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any)
                 print(f"\n=== noise setting {name} ===", flush=True)
                 exp.update_setting(path, name, status="running")
 
-        outcomes = tune_adapter.run_search(
-            spec, plans, str(path), tracker=tracker, on_setting_start=on_setting_start
+        counts = {s["name"]: s["trials"] for s in exp.read_manifest(path)["settings"]}
+        failed = tune_adapter.run_search(
+            spec, plans, str(path), counts, tracker=tracker, on_setting_start=on_setting_start
         )
-        for name, trials in outcomes.items():
-            failures = {o["trial_id"]: o["error"] for o in trials if o["error"]}
+        for name, trials in failed.items():
+            failures = {t["trial_id"]: t["error"] for t in trials}
             exp.update_setting(path, name, status="done", failures=failures)
         _sync_quietly(tracker, path)
     print(summary_table(path))

@@ -529,6 +529,17 @@ def packs(spec: SearchSpec, p: SettingPlan) -> list[list[dict[str, float]]]:
     return [points[i : i + spec.pack] for i in range(0, len(points), spec.pack)]
 
 
+def trial_count(spec: SearchSpec, plan: SettingPlan) -> int:
+    """How many trials a setting runs: its packs, or its share of the budget (at most the size of
+    a finite space)."""
+    return len(packs(spec, plan)) if spec.pack > 1 else trials_per_setting(spec, plan.space)
+
+
+def with_trials(spec: SearchSpec, trials: int) -> SearchSpec:
+    """`spec` with a budget of `trials` per setting (what `jal-search extend` raises it to)."""
+    return spec.model_copy(update={"budget": spec.budget.model_copy(update={"trials": trials})})
+
+
 def _sample(p: Param, rng: random.Random) -> float:
     if p.loguniform is not None:
         return math.exp(rng.uniform(math.log(p.loguniform[0]), math.log(p.loguniform[1])))

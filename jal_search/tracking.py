@@ -4,9 +4,9 @@ Only the driver writes to MLflow; trials never import it. Two ways in, one layou
 
 - live: the driver's Tune callback calls `Tracker.on_result` / `on_trial_end`; one `log_batch`
   per result (params on the first, metrics with `step = epoch`);
-- `Tracker.sync(path)`: rebuilds or completes MLflow from the Tune files on disk, which are the
-  source of truth. Idempotent: runs are found by tag before any is created, and only metric steps
-  missing from each key's history are logged.
+- `Tracker.sync(path)`: rebuilds or completes MLflow from the trials' journals on disk, which
+  are the source of truth. Idempotent: runs are found by tag before any is created, and only
+  metric steps missing from each key's history are logged.
 
 Run identity (tags): every run carries `jal.search` = "<name>@<created>" from the manifest, so a
 new search that reuses a name gets new runs instead of merging into the old ones. Parents have

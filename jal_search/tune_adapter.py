@@ -3,11 +3,12 @@ uses (`tune_search`: searchers and schedulers; `tune_callbacks`: the driver's si
 are the only ones that import Ray.
 
 - `connect` starts a private local Ray or attaches to a cluster;
-- `run_search` runs (or resumes) a search's Tune experiment: every noise setting with its own
-  searcher (Optuna TPE, random, grid, packs) and scheduler (ASHA on epochs), per-epoch
-  checkpoints, retries from the last checkpoint;
-- the trainable wraps `train.run_trial`, turning its `report(metrics, state)` hook into
-  `tune.report(metrics, checkpoint=...)`;
+- `run_search` runs (or carries on with) a search as one Tune experiment: every noise setting
+  with its own searcher (an Optuna study on disk: TPE, random, grid, packs) and scheduler (ASHA
+  on epochs), retries of failed trials;
+- the trainable wraps `train.run_trial`, turning its `report(metrics, state)` hook into a
+  journal row, a checkpoint in the trial's own folder (`journal.py`), then `tune.report(row)`.
+  Tune places, starts, stops and restarts trials; it is not the record of what happened.
 - `run_trainings` trains final configs to the end as plain Ray tasks.
 """
 
@@ -17,8 +18,8 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
-import warnings
+import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,25 +31,16 @@ from ray.tune.experiment import Trial
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import MEMBERS, SETTING, TRIAL_CONFIG
+from jal_search.experiment import MEMBERS, SETTING, TRIAL, member_id, provenance, unpack
+from jal_search.journal import Checkpoints, Journal, sole_writer
 from jal_search.spec import SearchSpec, SettingPlan
-from jal_search.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
-from jal_search.tune_callbacks import (
-    DRIVER,
-    BackUpState,
-    ForgetLostCheckpoints,
-    KeepResultsOnRestart,
-    StorageGuard,
-    Tracking,
-    no_space,
-    restore_state,
-    storage_full,
-)
-from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting, trial_count
+from jal_search.train import run_trial
+from jal_search.tune_callbacks import StorageGuard, Tracking, no_space, storage_full
+from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting
 
 PROGRESS_METRICS = {"val_acc": "val_acc", "test_acc": "test_acc", "noisy_fit": "noisy_fit"}
 TUNER_FILE = "tuner.pkl"  # where Tune writes it is where its experiment is
-CHECKPOINTS_KEPT = 2  # the latest, plus one to fall back to if the latest is damaged
+TUNE_DIR = "tune"  # Tune's experiment folder inside ours
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
 # glibc malloc would hand every activation buffer above 128 KiB back to the OS when freed and
@@ -59,14 +51,11 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 TRIAL_ENV = {**NO_CHDIR, **MALLOC_ENV}
 DRIVER_ENV = {
     **NO_CHDIR,
-    # Snapshot the experiment state on every controller step, not every ~10 s: a driver killed
-    # between snapshots forgets the trials it started or finished since the last one, and resume
-    # would sample (and run) replacements. A snapshot of a few dozen trials costs milliseconds.
-    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    # The record is the trials' journals: Tune's per-trial result/params/progress files would
+    # only cost the driver a write per result.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     # The classic reporter takes the columns we choose (the new one prints every metric).
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Checkpointing every epoch is deliberate (nothing is lost); Tune's warning about it is noise.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 
 
@@ -159,106 +148,109 @@ def run_search(
     spec: SearchSpec,
     plans: Sequence[SettingPlan],
     experiment_dir: str,
+    counts: dict[str, int],
     tracker: Any = None,
     on_setting_start: Callable[[str], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run, or resume, every noise setting of a search as one Tune experiment.
+    """Run, or carry on with, every noise setting of a search as one Tune experiment.
 
-    Each setting keeps its own searcher and scheduler (`tune_search`); trials are suggested
-    setting after setting, so a setting's last trials share the cluster with the next setting's
-    first ones instead of leaving slots idle, and one set of actors serves them all. Trial
-    folders are `<experiment>/<setting>/<trial id>`; Tune's own state sits in the experiment
-    folder. `on_setting_start(name)` is called as each of a setting's trials starts.
+    Each setting keeps its own searcher (its Optuna study on disk, `tune_search`), running
+    `counts[name]` trials in all, and its own scheduler;
+    trials are suggested setting after setting, so a setting's last trials share the cluster with
+    the next setting's first ones instead of leaving slots idle, and one set of actors serves them
+    all. Every call builds a new Tune experiment in `<experiment>/tune`: what happened before is
+    in the studies and the trials' journals, which a new run, a resume and `extend` carry on from
+    (unfinished trials first, from their checkpoints). `on_setting_start(name)` is called as each
+    of a setting's trials starts.
 
-    Returns, per setting, one entry per Tune trial: its id, its final error (None unless it
-    finally failed) and its last reported metrics. Raises KeyboardInterrupt when Tune stopped
-    early on Ctrl-C (it saves its state and returns normally), so the caller never mistakes a
-    stopped search for a finished one; calling it again resumes.
+    Returns, per setting, one entry per trial that finally failed in this run: its name and why.
+    Raises KeyboardInterrupt when trials are left unfinished (Tune stopped early on Ctrl-C: it
+    returns normally), so the caller never mistakes a stopped search for a finished one; calling
+    it again carries on.
     """
+    path = Path(experiment_dir)  # experiments are local or NFS paths
     trainable = tune.with_resources(
         tune.with_parameters(
-            _packed_trainable if spec.pack > 1 else _trainable, plans={p.name: p for p in plans}
+            _packed_trainable if spec.pack > 1 else _trainable,
+            plans={p.name: p for p in plans},
+            experiment_dir=str(path),
         ),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
     )
-    path = Path(experiment_dir)  # experiments are local or NFS paths
-    counts = {p.name: trial_count(spec, p) for p in plans}
-    restore_state(path)
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(
-            str(path), trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                search_alg=by_setting(spec, plans),
-                scheduler=scheduler_by_setting(spec, plans),
-                num_samples=sum(counts.values()),
-                max_concurrent_trials=spec.max_concurrent_trials,
-                reuse_actors=True,
-                trial_name_creator=lambda trial: trial.trial_id,
+    searcher = by_setting(spec, plans, path, counts)
+    shutil.rmtree(path / TUNE_DIR, ignore_errors=True)  # the last run's: nothing is read from it
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler_by_setting(spec, plans),
+            num_samples=-1,  # until the searcher has handed out every setting's trials
+            max_concurrent_trials=spec.max_concurrent_trials,
+            reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(path),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=[
+                StorageGuard(experiment_dir),
+                Tracking(spec.budget.epochs, tracker, on_setting_start),
+            ],
+            progress_reporter=tune.CLIReporter(
+                parameter_columns=[SETTING, TRIAL]
+                + ([] if spec.pack > 1 else list(plans[0].space)),
+                metric_columns={"epoch": "epochs", **PROGRESS_METRICS},
+                max_report_frequency=30,
+                sort_by_metric=True,  # by TuneConfig's metric and mode
             ),
-            run_config=tune.RunConfig(
-                name=path.name,
-                storage_path=str(path.parent),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                callbacks=[
-                    StorageGuard(experiment_dir),
-                    BackUpState(),
-                    KeepResultsOnRestart(),
-                    ForgetLostCheckpoints(),
-                    Tracking(spec.budget.epochs),
-                ],
-                progress_reporter=tune.CLIReporter(
-                    parameter_columns=[SETTING] + ([] if spec.pack > 1 else list(plans[0].space)),
-                    metric_columns={"training_iteration": "epochs", **PROGRESS_METRICS},
-                    max_report_frequency=30,
-                    sort_by_metric=True,  # by TuneConfig's metric and mode
-                ),
-                verbose=1,
-            ),
-        )
+            verbose=1,
+        ),
+    )
     StorageGuard(experiment_dir).check()
-    DRIVER.update(tracker=tracker, on_setting_start=on_setting_start, experiment_dir=path)
+    # Tune's result grid looks for the per-trial files it was told not to write: one warning each.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
         grid = tuner.fit()
     except UserError:
         raise
     except Exception:
-        if storage_full(experiment_dir, []):  # e.g. Tune cannot read an error file it left empty
+        if storage_full(experiment_dir, []):  # e.g. Tune cannot write its own files
             raise no_space(experiment_dir) from None
         raise
-    finally:
-        DRIVER.clear()
     if grid.errors and storage_full(experiment_dir, grid.errors):
         raise no_space(experiment_dir)
-    if _unfinished(str(path), sum(counts.values())):
-        raise KeyboardInterrupt("the search stopped before its trials finished")
-    outcomes: dict[str, list[dict[str, Any]]] = {name: [] for name in counts}
+    failures: dict[str, list[dict[str, Any]]] = {p.name: [] for p in plans}
+    failed = 0
     for r in grid:
-        trial_dir = Path(r.path)  # <experiment>/<setting>/<trial id>
-        outcomes[trial_dir.parent.name].append(
-            {
-                "trial_id": trial_dir.name,
-                "error": failure_reason(r.error) if r.error else None,
-                "last": r.metrics or {},
-            }
-        )
-    return outcomes
+        if r.error is not None:
+            failed += 1
+            for trial_id, _, _ in unpack(r.config):
+                failures[r.config[SETTING]].append(
+                    {"trial_id": trial_id, "error": failure_reason(r.error)}
+                )
+    if searcher.unfinished() > failed:
+        raise KeyboardInterrupt("the search stopped before its trials finished")
+    return failures
+
+
+def _trial_name(trial: Trial) -> str:
+    """Tune's name for a trial: its setting and the searcher's name for it."""
+    return f"{trial.config[SETTING]}-{trial.config[TRIAL]}"
 
 
 def refuse_older_layout(experiment_dir: Path, settings: Sequence[str]) -> None:
-    """Refuse, before Ray starts, an experiment whose Tune state sits in its settings' folders:
-    older versions ran one Tune experiment per noise setting, which this one cannot resume."""
-    if any((experiment_dir / name / TUNER_FILE).is_file() for name in settings):
+    """Refuse, before Ray starts, an experiment an older version made: its record was Tune's
+    state files (in the experiment folder, or in each setting's), which this one does not read."""
+    folders = [experiment_dir, *(experiment_dir / name for name in settings)]
+    if any((folder / TUNER_FILE).is_file() for folder in folders):
         raise UserError(
-            f"{experiment_dir}: made by an older jal-search (one Tune experiment per noise "
-            "setting), which this version cannot resume; finish it with that version, or run "
-            "the spec again under a new --name"
+            f"{experiment_dir}: made by an older jal-search (its record is Tune's state files, "
+            "not trial journals), which this version cannot resume; finish it with that "
+            "version, or run the spec again under a new --name"
         )
 
 
@@ -273,83 +265,104 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
-def _unfinished(experiment_dir: str, trials: int) -> bool:
-    """Whether Tune's saved state still has trials to run (or to create).
-
-    After Ctrl-C, `fit` saves the state and returns normally, and the trials it stopped look
-    finished in the returned grid; only the saved state tells them apart (PENDING: to resume).
-    """
-    saved = tune.ExperimentAnalysis(experiment_dir).trials
-    done = (Trial.TERMINATED, Trial.ERROR)
-    return len(saved) < trials or any(t.status not in done for t in saved)
+def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan], experiment_dir: str) -> None:
+    """One Tune trial: the sampled point of the space applied to its setting's base config,
+    recorded in the trial's own folder (`journal.py`) and resumed from there after any restart."""
+    folder = Path(experiment_dir, params[SETTING], params[TRIAL])
+    with sole_writer(folder):
+        _train(params, plans[params[SETTING]], folder)
 
 
-def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> None:
-    """One Tune trial: the sampled point of the space applied to its setting's base config."""
-    resume = _last_checkpoint()
-    plan = plans[params[SETTING]]
+def _train(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
+    sampled = {k: v for k, v in params.items() if k not in (SETTING, TRIAL)}
+    config = plan.trial(sampled)
+    checkpoints = Checkpoints(folder)
+    resume = checkpoints.latest()
+    journal = Journal(folder)
+    journal.open(_header(params, sampled, config), int(resume["epoch"]) if resume else 0)
+    node, pid = ray.get_runtime_context().get_node_id(), os.getpid()
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        _report({**metrics, "label_hash": state["label_hash"]}, state, params)
+        row = {**metrics, "label_hash": state["label_hash"], "node_id": node, "pid": pid}
+        journal.append(row)
+        checkpoints.save(state)
+        tune.report(row)
 
-    sampled = {k: v for k, v in params.items() if k != SETTING}
-    run_trial(plan.trial(sampled), report=report, resume=resume)
+    if resume is not None and _finished(resume["history"], config.resolve().epochs):
+        tune.report(resume["history"][-1])  # ended before the driver heard: say how, once more
+        return
+    run_trial(config, report=report, resume=resume)
 
 
-def _packed_trainable(params: dict[str, Any], plans: dict[str, SettingPlan]) -> None:
-    """One Tune trial that trains a pack of sampled points (`packed.run_packed`).
+def _packed_trainable(
+    params: dict[str, Any], plans: dict[str, SettingPlan], experiment_dir: str
+) -> None:
+    """One Tune trial that trains a pack of sampled points (`packed.run_packed`): checkpoints in
+    the pack's folder, one journal per member in `<pack>-m<k>`.
 
     Each epoch reports the members that trained under MEMBERS, and the pack's best val_acc as the
     trial's own (for the progress table only: packs run under no scheduler or searcher).
     """
+    folder = Path(experiment_dir, params[SETTING], params[TRIAL])
+    with sole_writer(folder):  # its members' journals too: only the pack writes them
+        _train_pack(params, plans[params[SETTING]], folder)
+
+
+def _train_pack(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
     from jal_search.packed import run_packed
 
-    resume = _last_checkpoint()
-    plan = plans[params[SETTING]]
+    configs = [plan.trial(p) for p in params[MEMBERS]]
+    checkpoints = Checkpoints(folder)
+    resume = checkpoints.latest()
+    journals = [Journal(folder.parent / member_id(params[TRIAL], k)) for k in range(len(configs))]
+    for k, journal in enumerate(journals):
+        epochs = len(resume["histories"][k]) if resume else 0
+        journal.open(_header(params, params[MEMBERS][k], configs[k]), epochs)
+    node, pid = ray.get_runtime_context().get_node_id(), os.getpid()
 
     def report(metrics: dict[int, dict[str, float]], state: dict[str, Any]) -> None:
         hashes = state["label_hashes"]
         members = {str(i): {**m, "label_hash": hashes[i]} for i, m in metrics.items()}
+        for i, row in members.items():
+            journals[int(i)].append({**row, "node_id": node, "pid": pid})
+        checkpoints.save(state)
         scores = [m["val_acc"] for m in metrics.values() if math.isfinite(m["val_acc"])]
-        result = {
-            METRIC: max(scores, default=math.nan),
-            "epoch": state["epoch"],
-            "members_training": len(state["active"]),
-            MEMBERS: members,
-        }
-        _report(result, state, params)
-
-    run_packed([plan.trial(p) for p in params[MEMBERS]], report=report, resume=resume)
-
-
-def _last_checkpoint() -> dict[str, Any] | None:
-    """The trial's latest checkpoint state; None for a new trial or an unreadable checkpoint."""
-    # One "checkpoint created" INFO line per epoch per trial would drown the progress table.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        try:
-            return load_checkpoint(directory)
-        except CheckpointError as err:  # a damaged checkpoint costs progress, not the trial
-            warnings.warn(f"{err}; restarting the trial from epoch 0", stacklevel=1)
-            return None
-
-
-def _report(result: dict[str, Any], state: dict[str, Any], params: dict[str, Any]) -> None:
-    """tune.report with the epoch's checkpoint and the node it ran on (for cluster debugging).
-
-    The checkpoint also holds the trial's config (`params`): a kill while Tune copies the trial's
-    files can empty params.json and result.json, and `experiment.read_trials` then reads both
-    from the checkpoint.
-    """
-    node = ray.get_runtime_context().get_node_id()
-    with tempfile.TemporaryDirectory(prefix="jal-ckpt-") as directory:
-        save_checkpoint({**state, TRIAL_CONFIG: params}, directory)
         tune.report(
-            {**result, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(directory)
+            {
+                METRIC: max(scores, default=math.nan),
+                "epoch": state["epoch"],
+                "members_training": len(state["active"]),
+                MEMBERS: members,
+            }
         )
+
+    if resume is not None and (
+        not resume["active"] or resume["epoch"] >= configs[0].resolve().epochs
+    ):
+        scores = [h[-1]["val_acc"] for h in resume["histories"] if h]
+        finite = [v for v in scores if math.isfinite(v)]
+        # Ended before the driver heard: say so, once more.
+        tune.report({METRIC: max(finite, default=math.nan), "epoch": resume["epoch"], MEMBERS: {}})
+        return
+    run_packed(configs, report=report, resume=resume)
+
+
+def _header(params: dict[str, Any], sampled: dict[str, Any], config: TrialConfig) -> dict:
+    """A journal's first line: what the trial is and exactly what trains."""
+    return {
+        "trial": params[TRIAL],
+        "setting": params[SETTING],
+        "params": sampled,
+        "config": config.resolve().model_dump(mode="json"),
+        "versions": provenance()["versions"],
+        "started": time.time(),
+    }
+
+
+def _finished(history: list[dict[str, Any]], epochs: int) -> bool:
+    return bool(history) and (
+        history[-1]["epoch"] >= epochs or history[-1].get("diverged", 0.0) >= 1.0
+    )
 
 
 def run_trainings(

@@ -1,145 +1,320 @@
 """What Tune runs a search with: one searcher and one scheduler per noise setting.
 
-Part of the Ray adapter (`tune_adapter` and the `tune_*` modules, the only ones that import Ray):
+Part of the Ray adapter (`tune_adapter` and the `tune_*` modules, the only ones that import Ray).
 
-- `by_setting` suggests trials setting after setting, each from its setting's own searcher
-  (`JalOptunaSearch`: Optuna TPE; `Listed`: a grid, seeded random samples or packs);
-- `scheduler_by_setting` gives each setting its own ASHA (or FIFO), and puts each trial's folder
-  under its setting's.
+Each setting's trials are an Optuna study, asked and told through Optuna's public API and kept in
+Optuna's own storage, `<experiment>/<setting>/optuna.journal` (appended at every ask, report and
+tell). That study is the searcher's whole state: a run, a resume after a kill, or `extend` opens
+it and carries on, so Tune's own state files are never needed. Trials asked but not told (running
+when the driver died, or finally failed) are handed out again, under their own name, before any
+new one: their journals and checkpoints are found, nothing is rerun, nothing replaced.
+
+- `SettingSearch`: one setting's study: TPE over the space (the paper's configs first, never one
+  config twice, ASHA-stopped trials told PRUNED, diverged ones FAIL, seeded), or configs chosen
+  up front (grid, seeded random samples, packs) recorded in the same kind of study;
+- `BySetting`: Tune's `Searcher`, suggesting setting after setting;
+- `SchedulerBySetting`: one ASHA (or FIFO) per setting, on the trials' own `epoch`.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-from optuna.distributions import CategoricalDistribution
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+)
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
-from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
-from jal_search.experiment import MEMBERS, SETTING
-from jal_search.spec import (
-    Param,
-    SearchSpec,
-    SettingPlan,
-    fixed_configs,
-    packs,
-    trials_per_setting,
-)
-from jal_search.tune_callbacks import DRIVER
+from jal_search.experiment import MEMBERS, SETTING, TRIAL
+from jal_search.spec import Param, SearchSpec, SettingPlan, fixed_configs, packs, with_trials
 
 METRIC, MODE = "val_acc", "max"
+STUDY_FILE = "optuna.journal"  # neither .json nor .pkl: Tune never copies it around
+CONFIG_ATTR, TWIN_ATTR = "jal.config", "jal.twin_of"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial would drown the table
+
+
+def trial_name(number: int) -> str:
+    """A trial's name (and folder) from its number in the setting's study."""
+    return f"t{number:05d}"
+
+
+class SettingSearch:
+    """One noise setting's trials, recorded in its Optuna study.
+
+    `space` set: TPE (seeded) draws configs; the plan's `points_to_evaluate` are enqueued first,
+    once, when the study is new. On a finite space a repeated draw is told its twin's outcome (so
+    TPE learns nothing false) and TPE draws again; after REDRAWS repeats a seeded random untried
+    config runs (benchmarks/asha_efficiency.py: 0.255 of the grid's epochs with repeats, 0.132
+    without). `listed` set instead: those configs, in order (a grid, random samples, packs).
+
+    `count` trials in all (twins not counted). The study lives in `folder/STUDY_FILE`; opened
+    again (resume, extend) it hands out its unfinished trials first.
+    """
+
+    REDRAWS = 20
+
+    def __init__(
+        self,
+        folder: Path,
+        count: int,
+        max_epochs: int,
+        seed: int,
+        space: dict[str, BaseDistribution] | None = None,
+        first: Sequence[dict[str, Any]] = (),
+        listed: Sequence[dict[str, Any]] | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+    ) -> None:
+        self.folder, self.count, self.max_epochs, self.seed = folder, count, max_epochs, seed
+        self.space, self.first, self.listed = space, list(first), listed
+        self.sampler = sampler  # None: TPE, seeded
+        self._study: optuna.Study | None = None
+        self._asked = 0  # trials asked so far, twins not counted
+        # Trials handed out and not yet told; None for one handed out again (told by number).
+        self._running: dict[int, optuna.Trial | None] = {}
+        self._unfinished: list[FrozenTrial] = []  # asked by an earlier run and never told
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its searcher with the experiment; the study is reopened from its file.
+        return {**self.__dict__, "_study": None, "_running": {}, "_unfinished": []}
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _repair(self.folder / STUDY_FILE)
+            storage = JournalStorage(JournalFileBackend(str(self.folder / STUDY_FILE)))
+            new = not storage.get_all_studies()
+            past = 0 if new else len(storage.get_all_trials(storage.get_all_studies()[0]._study_id))
+            # Seeded by the trials so far too: a reopened study never repeats its first draws.
+            tpe = optuna.samplers.TPESampler(seed=hash((self.seed, past)) % 2**32)
+            self._study = optuna.create_study(
+                storage=storage,
+                sampler=self.sampler or tpe,
+                study_name="jal",
+                direction="maximize",
+                load_if_exists=True,
+            )
+            if new and self.space is not None:
+                for point in self.first:
+                    self._study.enqueue_trial(point)
+            trials = self._study.get_trials(deepcopy=False)
+            self._unfinished = [t for t in trials if t.state == TrialState.RUNNING]
+            self._asked = sum(
+                1 for t in trials if t.state != TrialState.WAITING and TWIN_ATTR not in t.user_attrs
+            )
+        return self._study
+
+    def asked(self) -> int:
+        """Trials asked so far, twins not counted."""
+        self.study  # noqa: B018 - opening the study counts them
+        return self._asked
+
+    def has_next(self) -> bool:
+        return self.asked() < self.count or bool(self._unfinished)
+
+    def next(self) -> tuple[int, dict[str, Any]] | None:
+        """(number, config) of the trial to run next: an unfinished one, else a new one; None
+        when all `count` are asked."""
+        self.study  # noqa: B018 - opening it lists the trials an earlier run left unfinished
+        if self._unfinished:  # each handed out once
+            again = self._unfinished.pop(0)
+            self._running[again.number] = None
+            return again.number, again.user_attrs[CONFIG_ATTR]
+        if self.asked() >= self.count:
+            return None
+        trial = self._ask()
+        self._asked += 1
+        config = dict(trial.params) if self.listed is None else self.listed[self._asked - 1]
+        trial.set_user_attr(CONFIG_ATTR, config)
+        self._running[trial.number] = trial
+        return trial.number, config
+
+    def report(self, number: int, epoch: int, value: float) -> None:
+        """An epoch's score, for Optuna's ranking of pruned trials. Not for a trial handed out
+        again: Optuna reports through the asking `Trial` only (it keeps its earlier scores)."""
+        trial = self._running.get(number)
+        if trial is not None and value == value:  # Optuna refuses NaN intermediate values
+            trial.report(value, epoch)
+
+    def tell(self, number: int, last: dict[str, Any] | None) -> None:
+        """Record how a trial ended from its last row: COMPLETE (its full budget), PRUNED (ASHA
+        stopped it: Optuna ranks it by its last intermediate value, below finished trials), or
+        FAIL (diverged, or no epoch at all)."""
+        if number not in self._running:
+            return
+        trial = self._running.pop(number) or number
+        value = (last or {}).get(METRIC)
+        if not last or last.get("diverged", 0.0) >= 1.0 or value is None or value != value:
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif last.get("epoch", 0) < self.max_epochs:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, value)
+
+    def drop(self, number: int) -> None:
+        """Forget a trial Tune finally failed: it stays unfinished in the study, and the next
+        resume hands it out again (from its checkpoint)."""
+        self._running.pop(number, None)
+
+    def unfinished(self) -> int:
+        """Trials asked and not told, as the study file holds them now."""
+        return sum(
+            1 for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING
+        )
+
+    def _ask(self) -> optuna.Trial:
+        if self.space is None:
+            return self.study.ask()
+        choices = self._finite_choices()
+        for _ in range(self.REDRAWS if choices else 1):
+            trial = self.study.ask(self.space)
+            twin = self._twin(trial)
+            if twin is None:
+                return trial
+            self._tell_like(trial, twin)
+        untried = self._untried(choices or {})
+        if untried:
+            rng = random.Random(f"{self.seed}-{len(self.study.trials)}")
+            self.study.enqueue_trial(rng.choice(untried))
+        return self.study.ask(self.space)
+
+    def _finite_choices(self) -> dict[str, list] | None:
+        space = self.space or {}
+        if not all(isinstance(d, CategoricalDistribution) for d in space.values()):
+            return None
+        return {k: list(d.choices) for k, d in space.items()}
+
+    def _twin(self, drawn: optuna.Trial) -> FrozenTrial | None:
+        """An earlier trial (running or ended) with the same config as the `drawn` one."""
+        return next(
+            (
+                t
+                for t in self.study.get_trials(deepcopy=False)
+                if t.number != drawn.number and t.params and t.params == drawn.params
+            ),
+            None,
+        )
+
+    def _tell_like(self, drawn: optuna.Trial, twin: FrozenTrial) -> None:
+        drawn.set_user_attr(TWIN_ATTR, twin.number)
+        for step, value in twin.intermediate_values.items():
+            drawn.report(value, step)
+        if twin.state == TrialState.COMPLETE:
+            self.study.tell(drawn, twin.value)
+        else:  # a twin still running counts as pruned at its latest epoch
+            failed = twin.state == TrialState.FAIL
+            self.study.tell(drawn, state=TrialState.FAIL if failed else TrialState.PRUNED)
+
+    def _untried(self, choices: dict[str, list]) -> list[dict[str, Any]]:
+        tried = {tuple(sorted(t.params.items())) for t in self.study.get_trials(deepcopy=False)}
+        configs = (dict(zip(choices, values, strict=True)) for values in product(*choices.values()))
+        return [c for c in configs if tuple(sorted(c.items())) not in tried]
+
+
+def _repair(path: Path) -> None:
+    """Make a study file a killed driver left readable again: drop a half-written last line
+    (Optuna would fail on the line appended after it) and the lock file left held (Optuna would
+    wait for it to go stale). Only the driver, under the experiment's lock, writes the file."""
+    Path(f"{path}.lock").unlink(missing_ok=True)
+    if not path.is_file():
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 class BySetting(Searcher):
-    """One searcher per noise setting behind Tune's single one.
+    """Tune's searcher: each setting's `SettingSearch` in turn (the next setting's trials once
+    the previous one has handed out all of its own), each config tagged with its SETTING and its
+    TRIAL name; results and ends go back to the setting's study."""
 
-    Trials are suggested setting after setting (the next setting's first once the previous one
-    has suggested all of its `counts`), each config tagged with its SETTING; results go back to
-    the searcher that suggested the trial.
-    """
-
-    def __init__(self, searchers: dict[str, Searcher], counts: dict[str, int]) -> None:
+    def __init__(self, searches: dict[str, SettingSearch]) -> None:
         super().__init__(metric=METRIC, mode=MODE)
-        self._searchers = searchers
-        self._left = dict(counts)
-        self._setting_of: dict[str, str] = {}
-        # Each setting's searcher state as last saved (base64). Tune saves after every step;
-        # only the settings whose searcher changed since are saved again.
-        self._saved: dict[str, str] = {}
+        self.searches = searches
+        self._trials: dict[str, tuple[str, int]] = {}  # Tune's trial id → (setting, number)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
-        return True  # each setting's searcher was built with its own space, metric and mode
+        return True  # each setting's search was built with its own space, metric and mode
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        name = next((n for n, left in self._left.items() if left > 0), None)
-        if name is None:
-            return Searcher.FINISHED
-        config = self._searchers[name].suggest(trial_id)
-        self._saved.pop(name, None)
-        if not isinstance(config, dict):
-            return config  # the setting's searcher has nothing now (None) or is finished
-        self._left[name] -= 1
-        self._setting_of[trial_id] = name
-        return {**config, SETTING: name}
+        for name, search in self.searches.items():
+            if not search.has_next():
+                continue
+            chosen = search.next()
+            if chosen is None:
+                continue
+            number, config = chosen
+            self._trials[trial_id] = (name, number)
+            sampled = {MEMBERS: config[MEMBERS]} if MEMBERS in config else config
+            return {**sampled, SETTING: name, TRIAL: trial_name(number)}
+        return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        name = self._setting_of[trial_id]
-        self._searchers[name].on_trial_result(trial_id, result)
-        self._saved.pop(name, None)
+        name, number = self._trials[trial_id]
+        if isinstance(result.get(METRIC), float) and "epoch" in result:
+            self.searches[name].report(number, int(result["epoch"]), result[METRIC])
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        name = self._setting_of[trial_id]
-        self._searchers[name].on_trial_complete(trial_id, result, error)
-        self._saved.pop(name, None)
-
-    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
-        """Tune's save, and where: Tune tells the searcher (not the callbacks) the folder and
-        session name it saves its state under; `tune_callbacks.BackUpState` copies it from there."""
-        super().save_to_dir(checkpoint_dir, session_str)
-        DRIVER.update(staging=checkpoint_dir, session=session_str)
+        name, number = self._trials.pop(trial_id)
+        if error:
+            self.searches[name].drop(number)
+        else:
+            self.searches[name].tell(number, result)
 
     def save(self, checkpoint_path: str) -> None:
-        """One JSON file: the suggestion bookkeeping and each setting's own saved state."""
-        with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
-            for name, searcher in self._searchers.items():
-                if name not in self._saved:
-                    searcher.save(os.path.join(directory, "state"))
-                    raw = Path(directory, "state").read_bytes()
-                    self._saved[name] = base64.b64encode(raw).decode()
-        state = {"left": self._left, "setting_of": self._setting_of, "searchers": self._saved}
-        Path(checkpoint_path).write_text(json.dumps(state))
+        """Nothing to save: each setting's study is on disk already, and resume opens it."""
 
     def restore(self, checkpoint_path: str) -> None:
-        state = json.loads(Path(checkpoint_path).read_text())
-        self._left, self._setting_of = state["left"], state["setting_of"]
-        self._saved = state["searchers"]
-        with tempfile.TemporaryDirectory(prefix="jal-searcher-") as directory:
-            for name, searcher in self._searchers.items():
-                Path(directory, "state").write_bytes(base64.b64decode(self._saved[name]))
-                searcher.restore(os.path.join(directory, "state"))
+        """Never called: a resume builds a new Tune experiment over the same studies."""
+
+    def unfinished(self) -> int:
+        """Trials still to run or to finish, over every setting."""
+        return sum(s.unfinished() + max(s.count - s.asked(), 0) for s in self.searches.values())
 
 
-def by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> BySetting:
-    """The search's searcher: each setting's own (`_searcher`), `trial_count` trials each."""
+def by_setting(
+    spec: SearchSpec, plans: Sequence[SettingPlan], experiment_dir: Path, counts: dict[str, int]
+) -> BySetting:
+    """The search's searcher: each setting's own `SettingSearch`, `counts[name]` trials each."""
     return BySetting(
-        {p.name: _searcher(spec, p) for p in plans}, {p.name: trial_count(spec, p) for p in plans}
+        {p.name: _search(spec, p, experiment_dir / p.name, counts[p.name]) for p in plans}
     )
 
 
-class Listed(Searcher):
-    """Configs chosen up front (a grid, seeded random samples, packs), in order."""
+def _search(spec: SearchSpec, plan: SettingPlan, folder: Path, count: int) -> SettingSearch:
+    """One setting's search: TPE over its space, or the configs chosen up front."""
+    common = {"count": count, "max_epochs": spec.budget.epochs, "seed": spec.searcher.seed}
+    if spec.pack > 1:
+        return SettingSearch(folder, listed=[{MEMBERS: p} for p in packs(spec, plan)], **common)
+    if spec.searcher.type == "optuna" and plan.space:
+        space = {k: _distribution(p) for k, p in plan.space.items()}
+        return SettingSearch(folder, space=space, first=plan.points_to_evaluate, **common)
+    return SettingSearch(folder, listed=fixed_configs(with_trials(spec, count), plan), **common)
 
-    def __init__(self, configs: list[dict[str, Any]]) -> None:
-        super().__init__(metric=METRIC, mode=MODE)
-        self._configs = list(configs)
 
-    def suggest(self, trial_id: str) -> dict | str | None:
-        return self._configs.pop(0) if self._configs else Searcher.FINISHED
-
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps(self._configs))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self._configs = json.loads(Path(checkpoint_path).read_text())
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        """Configs chosen up front learn nothing from results."""
+def _distribution(p: Param) -> BaseDistribution:
+    if p.loguniform is not None:
+        return FloatDistribution(*p.loguniform, log=True)
+    if p.uniform is not None:
+        return FloatDistribution(*p.uniform)
+    return CategoricalDistribution(p.choice if p.choice is not None else [p.fixed])
 
 
 class SchedulerBySetting(FIFOScheduler):
@@ -159,7 +334,6 @@ class SchedulerBySetting(FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        _nest_under_setting(trial)
         self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
@@ -178,131 +352,6 @@ class SchedulerBySetting(FIFOScheduler):
         return "\n".join(f"{n}: {s.debug_string()}" for n, s in self._schedulers.items())
 
 
-def _nest_under_setting(trial: Trial) -> None:
-    """Put the trial's folder at `<experiment>/<setting>/<trial id>`.
-
-    Tune refuses a '/' in a `trial_dirname_creator` name, but keeps a relative folder already set
-    when it first makes the folder (`Trial.init_local_path`, at the trial's start); Tune calls the
-    scheduler's `on_trial_add` before that, for new and restored trials alike.
-    """
-    if not trial.relative_logdir:
-        trial.relative_logdir = f"{trial.config[SETTING]}/{trial.trial_id}"
-        trial.storage.trial_dir_name = trial.relative_logdir
-        trial.invalidate_json_state()
-
-
-def trial_count(spec: SearchSpec, plan: SettingPlan) -> int:
-    """How many trials a setting runs: its packs, or its share of the budget (at most the size of
-    a finite space)."""
-    return len(packs(spec, plan)) if spec.pack > 1 else trials_per_setting(spec, plan.space)
-
-
-def _distribution(p: Param) -> Any:
-    if p.loguniform is not None:
-        return tune.loguniform(*p.loguniform)
-    if p.uniform is not None:
-        return tune.uniform(*p.uniform)
-    return tune.choice(p.choice)
-
-
-class JalOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna how a trial really ended, and never trains a config twice.
-
-    Ray's OptunaSearch reports a trial stopped early by ASHA as COMPLETE with its early score, so
-    TPE would treat an epoch-2 accuracy like a finished one. Here such a trial is PRUNED (Optuna
-    then ranks it by its last intermediate value, below finished trials), and a diverged trial
-    is FAIL, so neither steers the sampler like a finished result.
-
-    On a finite space (every parameter a `choice`) TPE keeps proposing the configs that did well,
-    and each repeat clears every ASHA rung again: benchmarks/asha_efficiency.py measured 0.255 of
-    the grid's epochs with repeats, 0.132 without. A repeated draw is told its twin's outcome (so
-    TPE learns nothing false) and TPE draws again; after `REDRAWS` repeats a seeded random untried
-    config runs. `trial_count` caps such a search at the space's size, so one is always left.
-    """
-
-    REDRAWS = 20
-
-    def __init__(self, max_epochs: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._max_epochs = max_epochs
-
-    def suggest(self, trial_id: str) -> dict | None:
-        choices = self._finite_choices()
-        if choices is None:  # a range: draws never repeat
-            return super().suggest(trial_id)
-        for _ in range(self.REDRAWS):
-            config = super().suggest(trial_id)
-            twin = self._twin(self._ot_trials[trial_id])
-            if twin is None:
-                return config
-            self._tell_like(self._ot_trials.pop(trial_id), twin)
-        untried = self._untried(choices)
-        if untried:
-            rng = random.Random(f"{self._seed}-{len(self._ot_study.trials)}")
-            self._ot_study.enqueue_trial(rng.choice(untried))
-        return super().suggest(trial_id)
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        if result and not error:
-            if result.get("diverged", 0.0) >= 1.0:
-                result, error = None, True
-            elif result.get("training_iteration", 0) < self._max_epochs:
-                result = None  # no value and no error: Optuna records PRUNED
-        super().on_trial_complete(trial_id, result, error)
-
-    def _finite_choices(self) -> dict[str, list] | None:
-        if not isinstance(self._space, dict) or not all(
-            isinstance(d, CategoricalDistribution) for d in self._space.values()
-        ):
-            return None
-        return {k: list(d.choices) for k, d in self._space.items()}
-
-    def _twin(self, drawn: Any) -> FrozenTrial | None:
-        """An earlier trial (running or ended) with the same config as the `drawn` one."""
-        return next(
-            (
-                t
-                for t in self._ot_study.get_trials(deepcopy=False)
-                if t.number != drawn.number and t.params and t.params == drawn.params
-            ),
-            None,
-        )
-
-    def _tell_like(self, drawn: Any, twin: FrozenTrial) -> None:
-        for step, value in twin.intermediate_values.items():
-            drawn.report(value, step)
-        if twin.state == TrialState.COMPLETE:
-            self._ot_study.tell(drawn, twin.value)
-        else:  # a twin still running counts as pruned at its latest epoch
-            failed = twin.state == TrialState.FAIL
-            self._ot_study.tell(drawn, state=TrialState.FAIL if failed else TrialState.PRUNED)
-
-    def _untried(self, choices: dict[str, list]) -> list[dict[str, Any]]:
-        tried = {tuple(sorted(t.params.items())) for t in self._ot_study.get_trials(deepcopy=False)}
-        configs = (dict(zip(choices, values, strict=True)) for values in product(*choices.values()))
-        return [c for c in configs if tuple(sorted(c.items())) not in tried]
-
-
-def _searcher(spec: SearchSpec, plan: SettingPlan) -> Searcher:
-    """One setting's searcher: TPE over its space, or the configs chosen up front."""
-    if spec.pack > 1:
-        return Listed([{MEMBERS: p} for p in packs(spec, plan)])
-    if spec.searcher.type == "optuna" and plan.space:
-        return JalOptunaSearch(
-            spec.budget.epochs,
-            space=OptunaSearch.convert_search_space(
-                {k: _distribution(p) for k, p in plan.space.items()}
-            ),
-            metric=METRIC,
-            mode=MODE,
-            points_to_evaluate=plan.points_to_evaluate or None,
-            seed=spec.searcher.seed,
-        )
-    return Listed(fixed_configs(spec, plan)[: trial_count(spec, plan)])
-
-
 def scheduler_by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> SchedulerBySetting:
     return SchedulerBySetting({p.name: _scheduler(spec) for p in plans})
 
@@ -310,8 +359,10 @@ def scheduler_by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> Sche
 def _scheduler(spec: SearchSpec) -> Any:
     if spec.scheduler.type == "none":
         return FIFOScheduler()
+    # On the trials' own epoch, not Tune's report count: a trial resumed from its checkpoint
+    # reports its next epoch first.
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",
         max_t=spec.budget.epochs,
         grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,

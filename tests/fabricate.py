@@ -1,8 +1,9 @@
 """Experiment folders on disk without Ray: what `search.run` and Tune leave behind.
 
 `fabricate(root, trials)` writes `<root>/<name>/experiment.json`, built by `search.new_manifest`
-so its shape is exactly the driver's, and per trial `<setting>/<trial_id>/params.json` and
-`result.json` (one JSON line per epoch with Tune's bookkeeping keys, as Tune writes them).
+so its shape is exactly the driver's, and per trial `<setting>/<trial_id>/journal.jsonl` (the
+header with the sampled parameters and resolved config, then one row per epoch, as trials write
+them: `journal.py`).
 Every metric is a simple function of the given val_acc curve, so a test can compute each value
 it expects itself (`FakeTrial.rows`).
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from jal_search import experiment as exp
 from jal_search import search
+from jal_search.journal import JOURNAL
 from jal_search.spec import parse_spec, plan
 
 SPEC: dict[str, Any] = {  # the shipped smoke spec's shape: digits, JAL-CE, two noise settings
@@ -46,7 +48,7 @@ class FakeTrial:
     error: str | None = None  # the trial finally failed: listed in the manifest's failures
 
     def rows(self, setting: str) -> list[dict[str, Any]]:
-        """The result.json lines: train.py's metrics plus Tune's keys (config included)."""
+        """The journal's rows: train.py's metrics, the label hash, node and time."""
         rows = []
         for i, val in enumerate(self.val_acc, start=1):
             broken = self.diverged and i == len(self.val_acc)
@@ -63,21 +65,8 @@ class FakeTrial:
                     "epoch_seconds": 0.1,
                     "diverged": 1.0 if broken else 0.0,
                     "label_hash": f"hash-{setting}",
+                    "node_id": "fab",
                     "timestamp": 1_795_480_198 + i,
-                    "checkpoint_dir_name": f"checkpoint_{i - 1:06d}",
-                    "should_checkpoint": True,
-                    "done": i == len(self.val_acc),
-                    "training_iteration": i,
-                    "trial_id": self.trial_id,
-                    "date": "2026-11-24_00-29-58",
-                    "time_this_iter_s": 0.25,
-                    "time_total_s": 0.25 * i,
-                    "pid": 1234,
-                    "hostname": "fab",
-                    "node_ip": "127.0.0.1",
-                    "config": self.params,
-                    "time_since_restore": 0.25 * i,
-                    "iterations_since_restore": i,
                 }
             )
         return rows
@@ -110,11 +99,18 @@ def fabricate(
     path = exp.experiment_dir(str(root), parsed.name)
     path.mkdir(parents=True)
     exp.write_json_atomic(path / exp.MANIFEST, manifest)
+    plans_by_name = {p.name: p for p in plans}
     for setting, fakes in trials.items():
         for fake in fakes:
+            config = plans_by_name[setting].trial(fake.params).resolve()
+            header = {
+                "trial": fake.trial_id,
+                "setting": setting,
+                "params": fake.params,
+                "config": config.model_dump(mode="json"),
+            }
+            lines = (json.dumps(e) for e in [{"header": header}, *fake.rows(setting)])
             folder = path / setting / fake.trial_id
             folder.mkdir(parents=True)
-            (folder / "params.json").write_text(json.dumps(fake.params))
-            lines = (json.dumps(row) for row in fake.rows(setting))
-            (folder / "result.json").write_text("".join(f"{line}\n" for line in lines))
+            (folder / JOURNAL).write_text("".join(f"{line}\n" for line in lines))
     return path

@@ -64,3 +64,15 @@ def test_search_overhead_reports_the_ratio_and_the_start_up_costs():
     out = run("search_overhead.py", "--repeats", "1")
     assert ratios(out) == ["smoke search wall / ideal"]
     assert "ray start-up s:" in out and "actor start-up s" in out
+
+
+@pytest.mark.slow
+def test_driver_scale_reports_the_driver_cost_per_trial_at_each_size():
+    out = run("driver_scale.py")
+    scale = "40 / 10 trials"
+    assert ratios(out) == [
+        f"driver CPU per trial {scale}",
+        f"bytes written per trial {scale}",
+        f"wall beyond the ideal per trial {scale}",
+    ]
+    assert re.search(r"^ +10 trials: wall", out, re.M) and re.search(r"^ +40 trials:", out, re.M)

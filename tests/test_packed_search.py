@@ -1,13 +1,12 @@
 """Packed searches on a real local Ray: each Tune trial trains a pack of configs; downstream
 (results, MLflow) every member is a trial of its own, with what `run_trial` would have given it."""
 
-import json
-
 import pytest
 import yaml
 
 from jal_search import results, search
 from jal_search.experiment import read_manifest, read_trials
+from jal_search.journal import JOURNAL, read_journal
 from jal_search.spec import parse_spec, plan
 from jal_search.train import run_trial
 
@@ -36,13 +35,14 @@ def packed(local_ray, tmp_path_factory):
 def test_a_packed_grid_gives_every_config_its_own_trial(packed):
     (setting,) = read_manifest(packed)["settings"]
     assert setting["status"] == "done" and setting["failures"] == {}
-    tune_trials = [p for p in (packed / setting["name"]).iterdir() if (p / "params.json").is_file()]
-    assert len(tune_trials) == 2  # 4 configs in packs of 3 and 1
+    folder = packed / setting["name"]
+    pack_folders = [p for p in folder.glob("t*") if any(p.glob("checkpoint-*"))]
+    assert len(pack_folders) == 2  # 4 configs in packs of 3 and 1: their checkpoints
     trials = read_trials(packed, setting["name"], {})
     assert sorted((t.config["alpha"], t.config["lr"]) for t in trials) == [
         (1.0, 0.02), (1.0, 1e30), (10.0, 0.02), (10.0, 1e30)
     ]  # fmt: skip
-    assert {t.trial_id.rsplit("-m", 1)[0] for t in trials} == {p.name for p in tune_trials}
+    assert {t.trial_id.rsplit("-m", 1)[0] for t in trials} == {p.name for p in pack_folders}
     for t in trials:
         if t.config["lr"] == 1e30:  # diverges in its first epoch and leaves its pack
             assert t.status(3, True) == "diverged" and len(t.history) == 1
@@ -84,10 +84,6 @@ def test_results_and_mlflow_see_members_as_trials(packed):
     for run in children:
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert len(history) == (3 if run.data.params["lr"] == "0.02" else 1)
-    # The Tune files say the same thing: each row carries the members that trained that epoch.
-    rows = [
-        json.loads(line)
-        for f in (packed / "symmetric-0.4").glob("*/result.json")
-        for line in f.read_text().splitlines()
-    ]
-    assert sum(len(r["members"]) for r in rows) == 3 + 3 + 1 + 1
+    # The journals say the same thing: one row per epoch each member trained.
+    rows = [read_journal(f.parent)[1] for f in (packed / "symmetric-0.4").glob(f"*/{JOURNAL}")]
+    assert sorted(len(r) for r in rows) == [1, 1, 3, 3]

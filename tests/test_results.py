@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 import struct
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +18,7 @@ from fabricate import SPEC, FakeTrial, clean_acc, fabricate
 from jal_search import report, results, search
 from jal_search.errors import UserError
 from jal_search.experiment import MANIFEST
+from jal_search.journal import JOURNAL
 from jal_search.spec import SettingPlan, parse_spec, plan
 from jal_search.train import run_trial
 
@@ -87,9 +89,12 @@ def test_epochs_table_has_one_row_per_trial_per_epoch(path):
             mine = [r for r in rows if r["trial_id"] == t.trial_id]
             expected = t.rows(setting)
             assert [r["setting"] for r in mine] == [setting] * len(expected)
-            assert [r["epoch"] for r in mine] == [e["training_iteration"] for e in expected]
-            for column in ("val_acc", "test_acc", "train_loss", "noisy_fit", "time_total_s"):
+            assert [r["epoch"] for r in mine] == [int(e["epoch"]) for e in expected]
+            for column in ("val_acc", "test_acc", "train_loss", "noisy_fit"):
                 assert all(same(r[column], e[column]) for r, e in zip(mine, expected, strict=True))
+            seconds = [e["epoch_seconds"] for e in expected]  # training time so far
+            totals = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+            assert [r["time_total_s"] for r in mine] == pytest.approx(totals)
             assert [r["diverged"] for r in mine] == [e["diverged"] == 1.0 for e in expected]
             assert all(r[f"param_{k}"] == v for r in mine for k, v in t.params.items())
             assert {r["noise_rate"] for r in mine} == {float(setting.split("-")[1])}
@@ -319,6 +324,23 @@ def edit_manifest(path, change):
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 
+def edit_header(trial: Path, edit) -> None:
+    """Apply `edit` to a trial journal's header, in place."""
+    lines = (trial / JOURNAL).read_text().splitlines()
+    first = json.loads(lines[0])
+    edit(first["header"])
+    (trial / JOURNAL).write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+
+
+def test_export_writes_the_config_the_trial_recorded_not_one_planned_anew(path, tmp_path):
+    # A profile or loss table changed since the search must not change what "best" trained.
+    best = results.best(path)[SYM].trial_id
+    edit_header(path / SYM / best, lambda h: h["config"].update(lr=0.0123))
+    out = results.export(path, tmp_path / "best.yaml")
+    assert results.load_exported(out, SYM).lr == 0.0123
+    assert plans()[SYM].trial(fake(best).params).resolve().lr != 0.0123
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -334,8 +356,14 @@ def edit_manifest(path, change):
         ),
         (lambda path: __import__("shutil").rmtree(path / SYM), "marks setting symmetric-0.4 done"),
         (
-            lambda path: (path / SYM / "a0000001" / "params.json").write_text('{"alpha": "hi"}'),
-            "a0000001/params.json: no numeric value",
+            lambda path: edit_header(
+                path / SYM / "a0000001", lambda h: h["params"].update(alpha="hi")
+            ),
+            "a0000001/journal.jsonl: no numeric value for",
+        ),
+        (
+            lambda path: edit_header(path / SYM / "a0000001", lambda h: h.pop("config")),
+            "a0000001/journal.jsonl: no config",
         ),
         (lambda path: (path / MANIFEST).unlink(), "no experiment.json found"),
     ],
@@ -479,77 +507,3 @@ def test_exported_config_reruns_the_trial_exactly(path, tmp_path):
     assert [{k: v for k, v in h.items() if k not in drop} for h in rerun] == [
         {k: v for k, v in h.items() if k not in drop} for h in searched
     ]
-
-
-@pytest.mark.parametrize(
-    ("lost", "restored"),
-    [((1, 2), [True, True, False, False]), ((3,), [False, False, True, False])],
-    ids=["from-the-start", "in-the-middle"],
-)
-def test_epochs_missing_from_result_json_come_back_from_the_checkpoint(lost, restored, tmp_path):
-    # As Tune can leave it after moving a trial off a lost node: rows gone from result.json.
-    from jal_search.experiment import read_trials
-    from jal_search.train import save_checkpoint
-
-    trial = tmp_path / "symmetric-0.4" / "t1"
-    trial.mkdir(parents=True)
-    (trial / "params.json").write_text('{"alpha": 2.0}')
-    history = [{"epoch": float(e), "val_acc": e / 10, "test_acc": e / 20} for e in (1, 2, 3, 4)]
-    rows = [
-        {**m, "training_iteration": int(m["epoch"]), "node_id": "n2"}
-        for m in history
-        if m["epoch"] not in lost
-    ]
-    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    save_checkpoint({"epoch": 4, "history": history}, trial / "checkpoint_000003")
-    save_checkpoint({"epoch": 2, "history": history[:2]}, trial / "checkpoint_000001")
-    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
-    assert [r["training_iteration"] for r in record.history] == [1, 2, 3, 4]
-    assert [r["val_acc"] for r in record.history] == [0.1, 0.2, 0.3, 0.4]
-    assert [r.get("restored_from_checkpoint", False) for r in record.history] == restored
-
-
-def test_a_params_file_emptied_by_a_kill_is_read_from_the_result_rows(tmp_path):
-    # Tune copies params.json to the experiment folder in place: a kill mid-copy empties it.
-    from jal_search.experiment import read_trials
-
-    trial = tmp_path / "symmetric-0.4" / "t1"
-    trial.mkdir(parents=True)
-    (trial / "params.json").write_text("")
-    config = {"alpha": 2.0, "beta": 0.5, "setting": "symmetric-0.4"}
-    rows = [
-        {"epoch": e, "training_iteration": e, "val_acc": e / 10, "config": config} for e in (1, 2)
-    ]
-    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
-    assert record.config == {"alpha": 2.0, "beta": 0.5}
-    assert [r["val_acc"] for r in record.history] == [0.1, 0.2]
-    assert all("config" not in r for r in record.history)
-
-
-def test_a_trial_whose_files_a_kill_emptied_is_read_from_its_checkpoint(tmp_path):
-    # Tune copies every trial's files to the experiment folder at every step, in place: a kill
-    # mid-copy can empty params.json and result.json of a trial that finished long before.
-    from jal_search.experiment import TRIAL_CONFIG, read_trials
-    from jal_search.train import save_checkpoint
-
-    trial = tmp_path / "symmetric-0.4" / "t1"
-    trial.mkdir(parents=True)
-    (trial / "params.json").write_text("")
-    (trial / "result.json").write_text("")
-    history = [{"epoch": float(e), "val_acc": e / 10, "epoch_seconds": 0.5} for e in (1, 2, 3)]
-    config = {"alpha": 2.0, "beta": 0.5, "setting": "symmetric-0.4"}
-    save_checkpoint(
-        {"epoch": 3, "history": history, TRIAL_CONFIG: config}, trial / "checkpoint_000002"
-    )
-    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
-    assert record.config == {"alpha": 2.0, "beta": 0.5}
-    assert [r["training_iteration"] for r in record.history] == [1, 2, 3]
-    assert [r["val_acc"] for r in record.history] == [0.1, 0.2, 0.3]
-    assert all(r["restored_from_checkpoint"] for r in record.history)
-    # Rows cut at the end come back too; rows that are there stay as Tune wrote them.
-    rows = [{**history[0], "training_iteration": 1, "config": config, "node_id": "n1"}]
-    (trial / "result.json").write_text(json.dumps(rows[0]) + "\n")
-    (record,) = read_trials(tmp_path, "symmetric-0.4", {})
-    assert [r["training_iteration"] for r in record.history] == [1, 2, 3]
-    assert [r.get("node_id") for r in record.history] == ["n1", None, None]

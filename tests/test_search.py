@@ -1,21 +1,24 @@
 """The search driver on a real local Ray: Optuna + ASHA per noise setting, resume after SIGKILL."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
-from jal_search import search, tune_callbacks
+from jal_search import search
 from jal_search.data import load_dataset
 from jal_search.experiment import read_manifest, read_trials
+from jal_search.journal import read_journal
 from jal_search.spec import SPACES_DIR, load_spec
+from jal_search.tune_search import STUDY_FILE
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +33,6 @@ def test_smoke_search_end_to_end(smoke):
     spec = load_spec("smoke")
     assert [s["name"] for s in manifest["settings"]] == ["symmetric-0.4", "asymmetric-0.2"]
     assert all(s["status"] == "done" for s in manifest["settings"])
-    from jal_search.spec import plan
-    from jal_search.tune_search import by_setting
-
-    searchers = by_setting(spec, plan(spec))  # the search's searcher, as Tune saved it
-    searchers.restore_from_dir(str(path))
     for setting in manifest["settings"]:
         trials = read_trials(path, setting["name"], setting["failures"])
         assert len(trials) == spec.budget.trials
@@ -46,7 +44,8 @@ def test_smoke_search_end_to_end(smoke):
         assert any(t.config == {"alpha": 1.0, "beta": 1.0, "a": 30.0} for t in trials)
         assert all(t.config["a"] >= setting["a_min"] for t in trials)
         # Optuna saw ASHA's early stops as pruned trials, not as finished ones.
-        states = [t.state.name for t in searchers._searchers[setting["name"]]._ot_study.trials]
+        storage = JournalStorage(JournalFileBackend(str(path / setting["name"] / STUDY_FILE)))
+        states = [t.state.name for t in optuna.load_study(study_name="jal", storage=storage).trials]
         stopped = sum(1 for n in epochs if n < spec.budget.epochs)
         assert (
             states.count("PRUNED") == stopped and states.count("COMPLETE") == len(trials) - stopped
@@ -65,7 +64,7 @@ def test_results_verbs_write_tables_plots_and_an_export(smoke, capsys):
     trials = pq.read_table(smoke / "results" / "trials.parquet")
     epochs = pq.read_table(smoke / "results" / "epochs.parquet")
     assert trials.num_rows == 12  # 2 settings × 6 trials
-    on_disk = sum(len(p.read_text().splitlines()) for p in smoke.glob("*/*/result.json"))
+    on_disk = sum(len(read_journal(p)[1]) for p in smoke.glob("*/t*"))
     assert epochs.num_rows == on_disk
     assert main(["export", str(smoke), "--out", str(smoke / "best.yaml")]) == 0
     assert yaml.safe_load((smoke / "best.yaml").read_text())["settings"].keys() == {
@@ -142,6 +141,41 @@ def test_optuna_on_a_finite_space_runs_each_config_once(local_ray, tmp_path):
     assert configs == [(1.0, 0.1), (1.0, 1.0), (10.0, 0.1), (10.0, 1.0)]
 
 
+def test_extend_runs_more_trials_with_each_setting_searcher_warm(local_ray, tmp_path, capsys):
+    from jal_search.cli import main
+
+    spec = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
+    spec.update(budget={"trials": 2, "epochs": 2}, scheduler={"type": "none"})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    path = search.run(str(tmp_path / "s.yaml"), storage_path=str(tmp_path / "r"))
+    before = {p: p.read_text() for p in path.glob("*/t*/journal.jsonl")}
+    assert len(before) == 4  # 2 settings × 2 trials
+
+    assert main(["extend", str(path), "--trials", "3", "--setting", "asymmetric-0.2"]) == 0
+    settings = {s["name"]: s for s in read_manifest(path)["settings"]}
+    assert {n: (s["trials"], s["status"]) for n, s in settings.items()} == {
+        "symmetric-0.4": (2, "done"),
+        "asymmetric-0.2": (5, "done"),
+    }
+    assert {n: len(read_trials(path, n, {})) for n in settings} == {
+        "symmetric-0.4": 2,
+        "asymmetric-0.2": 5,
+    }
+    assert all(p.read_text() == text for p, text in before.items())  # earlier trials untouched
+    storage = JournalStorage(JournalFileBackend(str(path / "asymmetric-0.2" / STUDY_FILE)))
+    study = optuna.load_study(study_name="jal", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5  # one study, carried on
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == 5  # no config drawn again after the reopening
+
+    for argv, message in (
+        (["--trials", "0"], "--trials: must be at least 1"),
+        (["--trials", "1", "--setting", "clean"], "'clean' is not a setting"),
+    ):
+        assert main(["extend", str(path), *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_resuming_an_experiment_of_the_older_layout_is_refused(tmp_path):
     # Older versions ran one Tune experiment per noise setting, in the setting's folder.
     from fabricate import fabricate
@@ -158,22 +192,34 @@ def test_resuming_an_experiment_of_the_older_layout_is_refused(tmp_path):
     assert sorted(p.relative_to(path) for p in path.rglob("*")) == before  # nothing written
 
 
-def finished(path: Path, epochs: int) -> dict[str, list[str]]:
-    """Trials whose result.json reached the last epoch, with their lines."""
+def finished(path: Path, epochs: int) -> dict[str, list[dict]]:
+    """Trials whose journal reached the last epoch, with their rows."""
     done = {}
-    for result in path.glob("*/*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("training_iteration") == epochs:
-            done[result.parent.name] = lines
+    for folder in path.glob("*/t*"):
+        _, rows = read_journal(folder)
+        if rows and rows[-1]["epoch"] == epochs:
+            done[folder.name] = rows
     return done
+
+
+def session_processes(session: int) -> set[int]:
+    """Live processes of a session (/proc/<pid>/stat: state, ppid, pgrp, session after ')')."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
-    # The fault: the driver (and its private Ray) is SIGKILLed mid-search while Tune copies its
-    # state to the experiment folder, leaving one state file truncated and another from an older
-    # step. The promise: `resume` completes the budget, and trials finished before the kill are
-    # kept, not rerun.
+    # The fault: the driver (and its private Ray) is SIGKILLed mid-search, possibly mid-write. The
+    # promise: `resume` completes the budget, trials finished before the kill are kept, not
+    # rerun, and no trial is sampled in place of one already asked.
     spec = {
         "name": "killed", "dataset": "digits", "loss": "jal_ce", "noise": {"symmetric": [0.4]},
         "space": {"alpha": {"loguniform": [0.3, 100]}, "beta": {"loguniform": [0.03, 10]}},
@@ -188,42 +234,38 @@ def test_resume_after_the_driver_is_killed(tmp_path):
                               stderr=subprocess.DEVNULL)  # fmt: skip
     experiment = tmp_path / "runs" / "killed"
     deadline = time.monotonic() + 240
-    early_searcher = None  # the searcher's state before it suggested most of the trials
     while len(finished(experiment, 6)) < 2:
         assert driver.poll() is None, "the search ended before it could be killed"
         assert time.monotonic() < deadline, "no trial finished in time"
-        if early_searcher is None and (saved := list(experiment.glob("searcher-state-*.pkl"))):
-            early_searcher = saved[0].read_bytes()
         time.sleep(0.5)
-    # Tune snapshots a trial's end just after writing its last row: one that ended in the last
-    # instant before a kill may retrain its last epoch on resume (read_trials keeps one row per
-    # epoch). Those that ended a second before the kill are settled; a rerun would change their
-    # epochs' wall times.
     settled = {
-        trial_id: [
-            (row["epoch"], row["epoch_seconds"], row["val_acc"]) for row in map(json.loads, lines)
-        ]
-        for trial_id, lines in finished(experiment, 6).items()
+        trial_id: [(row["epoch"], row["epoch_seconds"], row["val_acc"]) for row in rows]
+        for trial_id, rows in finished(experiment, 6).items()
     }
     time.sleep(1.0)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    # Ray workers outside the killed process group die once they notice their raylet is gone;
+    # until then one may still finish an epoch (a restart of its trial waits for it to exit).
+    deadline = time.monotonic() + 60
+    while session_processes(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert len(finished(experiment, 6)) < 12, "the search ended before it was killed"
-    # What a kill mid-copy leaves: resume must put back the last complete, consistent set of
-    # state instead of starting the search over or meeting trials its searcher never suggested.
-    (state,) = experiment.glob("experiment_state-*.json")
-    state.write_bytes(b"")
-    (searcher,) = experiment.glob("searcher-state-*.pkl")
-    assert early_searcher is not None, "the searcher state never reached the folder"
-    searcher.write_bytes(early_searcher)
+    asked = {p.name for p in experiment.glob("symmetric-0.4/t*")}
+    # What a kill mid-append leaves: a half-written last line in the study and in a journal.
+    with open(experiment / "symmetric-0.4" / "optuna.journal", "a") as study:
+        study.write('{"op_code": 4, "worker_id": "x", "trial_')
+    unfinished = sorted(asked - set(finished(experiment, 6)))
+    with open(experiment / "symmetric-0.4" / unfinished[0] / "journal.jsonl", "a") as journal:
+        journal.write('{"epoch": 9, "val')
 
     out = subprocess.run([*cli, "resume", str(experiment), "--num-cpus", "2"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    open("/tmp/kill_stderr.txt", "w").write(out.stderr)
     assert out.returncode == 0, out.stderr[-2000:]
-    # Read as every command reads trials: a kill while Tune copies a trial's files can empty
-    # them, and what they held comes back from the trial's checkpoint.
     after = {t.trial_id: t for t in read_trials(experiment, "symmetric-0.4", {})}
     assert len(after) == 12  # the whole budget, no more
+    assert asked <= set(after)  # every trial asked before the kill ran on: none replaced
     for trial in after.values():
         assert [row["training_iteration"] for row in trial.history] == [1, 2, 3, 4, 5, 6]
         assert set(trial.config) == {"alpha", "beta"}
@@ -232,7 +274,3 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert [(row["epoch"], row["epoch_seconds"], row["val_acc"]) for row in kept] == epochs
     assert read_manifest(experiment)["settings"][0]["status"] == "done"
     assert "best config per noise setting" in out.stdout
-    # The backup follows the resumed run's own state, not the killed run's.
-    newest = max(p.name for p in experiment.glob("experiment_state-*.json"))
-    with zipfile.ZipFile(experiment / tune_callbacks.STATE_BACKUP) as backup:
-        assert newest in backup.namelist()

@@ -1,16 +1,14 @@
-"""The Ray adapter: its private cluster's trial processes, its Tune callbacks and searcher."""
+"""The Ray adapter: its private Ray's trial processes; its searcher on real Optuna studies."""
 
 import ast
-import json
-import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import ray
-from ray import tune
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from jal_search import tune_adapter, tune_callbacks, tune_search
+from jal_search import tune_adapter
+from jal_search.tune_search import STUDY_FILE, TWIN_ATTR, SettingSearch, trial_name
 
 
 def test_trial_processes_start_with_the_trial_environment():
@@ -34,140 +32,100 @@ def test_trial_processes_start_with_the_trial_environment():
     assert "MALLOC_MMAP_THRESHOLD_" in tune_adapter.TRIAL_ENV
 
 
-def test_a_restarting_trial_gets_the_results_up_to_its_checkpoint(tmp_path):
-    # Tune's Trial stands in as the attributes the callback reads; the files are real.
-    staging, stored = tmp_path / "staging", tmp_path / "storage"
-    staging.mkdir()
-    stored.mkdir()
-    rows = [json.dumps({"epoch": e, "val_acc": e / 10}) for e in (1, 2, 3)]
-    (staging / "result.json").write_text("\n".join([*rows, '{"epoch": 4, "val']) + "\n")
-    (stored / "result.json").write_text(rows[0] + "\n")  # the background sync lagged
-    trial = SimpleNamespace(
-        latest_checkpoint_result=None,
-        local_path=str(staging),
-        storage=SimpleNamespace(trial_fs_path=str(stored)),
-    )
-    keep = tune_callbacks.KeepResultsOnRestart()
-    keep.on_trial_start(0, [], trial)  # a fresh start: Tune restores nothing, nor do we
-    assert (stored / "result.json").read_text() == rows[0] + "\n"
-    # A restart from the checkpoint of epoch 2: epoch 3 will be reported again, epoch 4 was cut.
-    trial.latest_checkpoint_result = SimpleNamespace(metrics={"epoch": 2.0})
-    keep.on_trial_start(0, [], trial)
-    assert (stored / "result.json").read_text() == rows[0] + "\n" + rows[1] + "\n"
-    assert sorted(p.name for p in stored.iterdir()) == ["result.json"]  # no temporary left
+FINITE = {"alpha": CategoricalDistribution([1.0, 10.0]), "a": CategoricalDistribution([5.0, 30.0])}
 
 
-def test_a_restarting_trial_forgets_checkpoints_no_longer_on_disk(tmp_path):
-    # Tune's saved state can list a checkpoint it deleted just before a kill; deleting it again
-    # would fail the trial. Tune's Trial stands in as the attributes the callback reads.
-    kept = [tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000002"]
-    for folder in kept:
-        folder.mkdir()
-    listed = [SimpleNamespace(checkpoint=SimpleNamespace(path=str(tmp_path / "checkpoint_000000")))]
-    listed += [SimpleNamespace(checkpoint=SimpleNamespace(path=str(f))) for f in kept]
-    manager = SimpleNamespace(_checkpoint_results=list(listed))
-    trial = SimpleNamespace(
-        latest_checkpoint_result=listed[-1],
-        run_metadata=SimpleNamespace(checkpoint_manager=manager),
-    )
-    tune_callbacks.ForgetLostCheckpoints().on_trial_start(0, [], trial)
-    assert manager._checkpoint_results == listed[1:]
-
-
-def test_resume_state_is_the_last_complete_set_tune_wrote(tmp_path):
-    # A kill while Tune's state is copied to the experiment folder leaves one file truncated,
-    # another from an older step, and possibly a newer session's first files; resume must see
-    # exactly the set the backup took right after Tune wrote it. The files are real.
-    staging, experiment = tmp_path / "staging", tmp_path / "experiment"
-    staging.mkdir()
-    experiment.mkdir()
-    saved = {
-        "experiment_state-A.json": b'{"trials": [1, 2, 3]}',
-        "searcher-state-A.pkl": b"\x80\x04searcher knows 1, 2, 3",
-        "search_gen_state-A.json": b'{"counter": 3}',
-    }
-    for name, raw in saved.items():
-        (staging / name).write_bytes(raw)
-    (staging / "experiment.json").write_text("{}")  # Tune's restore copies the manifest in too
-    backup = tune_callbacks.BackUpState()
-    tune_callbacks.DRIVER["experiment_dir"] = experiment
-    try:
-        backup.get_state()  # before Tune's first save: nothing to copy, and no error
-        assert not (experiment / tune_callbacks.STATE_BACKUP).exists()
-        tune_callbacks.DRIVER.update(staging=str(staging), session="A")  # as the searcher hears
-        backup.get_state()
-    finally:
-        tune_callbacks.DRIVER.clear()
-    (staging / "experiment_state-A.json").write_bytes(b'{"trials": [1, 2, 3, 4')  # Tune rewrites
-    assert sorted(p.name for p in staging.iterdir()) == sorted(saved)  # no stale manifest to sync
-
-    (experiment / "experiment_state-A.json").write_bytes(b"")
-    (experiment / "searcher-state-A.pkl").write_bytes(b"\x80\x04searcher knows 1")
-    (experiment / "experiment_state-B.json").write_bytes(b'{"trials": [1, 2, 3, 4, 5]}')
-    tune_callbacks.restore_state(experiment)
-    on_disk = {p.name: p.read_bytes() for p in experiment.iterdir()}
-    assert on_disk == {**saved, tune_callbacks.STATE_BACKUP: on_disk[tune_callbacks.STATE_BACKUP]}
-    (experiment / tune_callbacks.STATE_BACKUP).write_bytes(b"PK\x03\x04 cut")  # damaged set
-    tune_callbacks.restore_state(experiment)  # Tune's own files stay: no error, nothing removed
-    assert {p.name: p.read_bytes() for p in experiment.iterdir()} == {
-        **saved,
-        tune_callbacks.STATE_BACKUP: b"PK\x03\x04 cut",
-    }
-
-    with zipfile.ZipFile(experiment / tune_callbacks.STATE_BACKUP, "w") as crafted:
-        crafted.writestr("../experiment_state-Z.json", "{}")  # outside the experiment
-        crafted.writestr("tuner.pkl", b"\x80\x04not Tune's")  # not a state file
-        crafted.writestr("experiment_state-A.json", b'{"trials": []}')
-    tune_callbacks.restore_state(experiment)
-    assert not (tmp_path / "experiment_state-Z.json").exists()
-    assert not (experiment / "tuner.pkl").exists()
-    assert (experiment / "experiment_state-A.json").read_bytes() == b'{"trials": []}'
-
-    (tmp_path / "never_started").mkdir()
-    (tmp_path / "never_started" / "experiment_state-A.json").write_bytes(b"{}")
-    tune_callbacks.restore_state(tmp_path / "never_started")  # no backup: left as Tune wrote it
-    assert (tmp_path / "never_started" / "experiment_state-A.json").read_bytes() == b"{}"
-
-
-def _searcher(sampler: optuna.samplers.BaseSampler) -> tune_search.JalOptunaSearch:
-    space = {"alpha": tune.choice([1.0, 10.0]), "a": tune.choice([5.0, 15.0, 30.0])}
-    return tune_search.JalOptunaSearch(
-        4, space=space, metric="val_acc", mode="max", sampler=sampler, seed=0
-    )
-
-
-def _finish(searcher: tune_search.JalOptunaSearch, trial_id: str, config: dict) -> None:
+def _finish(search: SettingSearch, number: int, config: dict, epochs: int = 4) -> None:
     value = config["alpha"] / 100 + config["a"] / 1000  # each config its own score
-    for epoch in (1, 2, 3, 4):
-        searcher.on_trial_result(trial_id, {"training_iteration": epoch, "val_acc": value})
-    searcher.on_trial_complete(trial_id, {"training_iteration": 4, "val_acc": value})
+    for epoch in range(1, epochs + 1):
+        search.report(number, epoch, value)
+    search.tell(number, {"epoch": float(epochs), "val_acc": value, "diverged": 0.0})
 
 
-def test_optuna_on_a_finite_space_never_trains_a_config_twice():
+def _states(search: SettingSearch) -> list[str]:
+    return [t.state.name for t in search.study.trials]
+
+
+def test_optuna_on_a_finite_space_never_trains_a_config_twice(tmp_path):
     # A sampler that always proposes the same config: every draw after the first is a repeat,
     # so each trial needs the redraws and then the untried fallback.
     stuck = optuna.samplers.PartialFixedSampler(
         {"alpha": 10.0, "a": 30.0}, optuna.samplers.RandomSampler(seed=0)
     )
-    searcher = _searcher(stuck)
-    running = searcher.suggest("t0")
+    search = SettingSearch(tmp_path, 4, 4, seed=0, space=FINITE, sampler=stuck)
+    running = search.next()
     seen = [running]
-    for n in range(1, 6):  # one trial always running, as with two at a time
-        config = searcher.suggest(f"t{n}")
-        assert config not in seen  # neither a finished config nor the running one
-        seen.append(config)
-        _finish(searcher, f"t{n - 1}", seen[n - 1])
-    assert len(seen) == 6  # the whole space, in 6 trials
+    for _ in range(3):  # one trial always running, as with two at a time
+        chosen = search.next()
+        assert chosen[1] not in [c for _, c in seen]  # neither a finished nor the running one
+        _finish(search, *seen[-1])
+        seen.append(chosen)
+    _finish(search, *seen[-1])
+    assert search.next() is None and search.asked() == 4  # the whole space, in 4 trials
     # Repeated draws were told their twin's outcome: a finished twin's value, or pruned while the
     # twin still ran; none is a value Optuna was not shown by a real trial.
-    real = {json.dumps(c, sort_keys=True) for c in seen}
-    study = searcher._ot_study
-    for trial in study.trials:
-        if trial.state.name == "COMPLETE":
-            twin = next(t for t in study.trials if t.params == trial.params)
-            assert trial.value == twin.value
-        assert json.dumps(trial.params, sort_keys=True) in real
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) > 5  # repeats were told
+    trials = search.study.trials
+    real = {t.number: t for t in trials if TWIN_ATTR not in t.user_attrs}
+    assert len(real) == 4 and len(trials) > 4  # repeats were drawn, and told
+    for t in trials:
+        if TWIN_ATTR in t.user_attrs:
+            twin = real[t.user_attrs[TWIN_ATTR]]
+            assert t.params == twin.params
+            assert t.state.name in ("COMPLETE", "PRUNED")
+            assert t.state.name == "PRUNED" or t.value == twin.value
+
+
+def test_paper_configs_come_first_and_each_end_is_told_as_it_happened(tmp_path):
+    space = {"alpha": FloatDistribution(0.1, 10, log=True)}
+    search = SettingSearch(tmp_path, 3, 4, seed=0, space=space, first=[{"alpha": 1.0}])
+    (n0, first), (n1, _), (n2, _) = search.next(), search.next(), search.next()
+    assert first == {"alpha": 1.0} and search.next() is None
+    search.tell(n0, {"epoch": 4.0, "val_acc": 0.6, "diverged": 0.0})  # its full budget
+    search.report(n1, 1, 0.3)
+    search.tell(n1, {"epoch": 1.0, "val_acc": 0.3, "diverged": 0.0})  # ASHA stopped it
+    search.tell(n2, {"epoch": 2.0, "val_acc": float("nan"), "diverged": 1.0})
+    assert _states(search) == ["COMPLETE", "PRUNED", "FAIL"]
+    assert search.study.trials[1].intermediate_values == {1: 0.3}
+    assert search.unfinished() == 0
+
+
+def test_a_reopened_study_hands_out_its_unfinished_trials_first_and_replaces_none(tmp_path):
+    # As after a killed driver: 3 of 5 asked, one told; the file ends in a half-written line and
+    # the study's lock file is left behind.
+    space = {"alpha": FloatDistribution(0.1, 10, log=True)}
+    search = SettingSearch(tmp_path, 5, 4, seed=0, space=space)
+    asked = [search.next() for _ in range(3)]
+    _finish(search, asked[0][0], {"alpha": asked[0][1]["alpha"], "a": 0.0})
+    with open(tmp_path / STUDY_FILE, "a") as study:
+        study.write('{"op_code": 4, "worker_')
+    (tmp_path / f"{STUDY_FILE}.lock").symlink_to(tmp_path / STUDY_FILE)
+
+    again = SettingSearch(tmp_path, 5, 4, seed=0, space=space)
+    assert again.unfinished() == 2 and again.asked() == 3
+    assert [again.next(), again.next()] == asked[1:]  # the same names and configs, first
+    new = [again.next(), again.next()]
+    assert again.next() is None  # 5 in all: nothing sampled in place of the unfinished two
+    assert {n for n, _ in new} == {3, 4} and all(c not in [a for _, a in asked] for _, c in new)
+    for number, config in [*asked[1:], *new]:
+        _finish(again, number, {"alpha": config["alpha"], "a": 0.0})
+    assert _states(again) == ["COMPLETE"] * 5
+    assert again.next() is None and not again.has_next()  # each handed out once
+
+
+def test_configs_chosen_up_front_run_in_order_across_reopenings(tmp_path):
+    configs = [{"alpha": float(k)} for k in range(4)]
+    search = SettingSearch(tmp_path, 4, 2, seed=0, listed=configs)
+    first = [search.next(), search.next()]
+    assert first == [(0, configs[0]), (1, configs[1])]
+    _finish(search, 0, {"alpha": 0.0, "a": 0.0}, epochs=2)
+    again = SettingSearch(tmp_path, 4, 2, seed=0, listed=configs)
+    assert [again.next() for _ in range(4)] == [
+        (1, configs[1]),
+        (2, configs[2]),
+        (3, configs[3]),
+        None,
+    ]
+    assert trial_name(3) == "t00003"
 
 
 def test_only_the_tune_modules_import_ray():

@@ -9,7 +9,6 @@ a test can search them too and concurrent tests never share a Ray session.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from jal_search.journal import JOURNAL, read_journal
 
 INJECT = Path(__file__).resolve().parent / "inject"  # sitecustomize.py: the trial-fault plugin
 
@@ -82,22 +83,21 @@ def wait_until(condition: Callable[[], bool], process: Any, what: str, timeout: 
         time.sleep(0.25)
 
 
-def epochs(result_json: Path) -> list[int]:
-    """The `epoch` of every line a trial reported, in order (a retry re-reports)."""
-    lines = result_json.read_text().splitlines() if result_json.is_file() else []
-    return [int(json.loads(line)["epoch"]) for line in lines]
-
-
-def trial_epochs(experiment: Path) -> dict[str, list[int]]:
-    """`setting/trial_id` → `epochs(...)` for every trial folder of an experiment."""
+def trial_rows(experiment: Path) -> dict[str, list[dict[str, Any]]]:
+    """`setting/trial` → its journal's rows, for every trial of an experiment."""
     return {
-        f"{p.parent.parent.name}/{p.parent.name}": epochs(p)
-        for p in sorted(experiment.glob("*/*/result.json"))
+        f"{p.parent.parent.name}/{p.parent.name}": read_journal(p.parent)[1]
+        for p in sorted(experiment.glob(f"*/*/{JOURNAL}"))
     }
 
 
+def trial_epochs(experiment: Path) -> dict[str, list[int]]:
+    """`setting/trial` → the epochs its journal holds, in order."""
+    return {k: [int(r["epoch"]) for r in rows] for k, rows in trial_rows(experiment).items()}
+
+
 def reported(experiment: Path) -> int:
-    """Result lines written so far, over all trials."""
+    """Epoch rows recorded so far, over all trials."""
     return sum(len(v) for v in trial_epochs(experiment).values())
 
 

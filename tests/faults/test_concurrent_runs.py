@@ -4,7 +4,6 @@ driver runs it, the others are refused with one line and exit 2 (the experiment'
 existing manifest), and nothing interleaves: one Tune run, one manifest, one set of MLflow runs.
 """
 
-import json
 import signal
 import time
 
@@ -13,6 +12,7 @@ from faultkit import environment, jal, last_line, output, reported, start, wait_
 from mlflow import MlflowClient
 
 from jal_search.experiment import read_manifest
+from jal_search.journal import JOURNAL, read_journal
 
 LOCKED = "another jal-search process is running it"
 
@@ -50,13 +50,11 @@ def test_a_second_driver_is_refused_and_never_interleaves(tmp_path, ray_tmp):
     manifest = read_manifest(experiment)
     assert manifest["created"] == created
     setting = experiment / manifest["settings"][0]["name"]
-    assert len(list(experiment.glob("experiment_state-*.json"))) == 1  # one Tune run
-    trials = [p for p in setting.iterdir() if (p / "params.json").is_file()]
+    assert len(list(experiment.glob("tune/experiment_state-*.json"))) == 1  # one Tune run
+    trials = [p for p in setting.iterdir() if (p / JOURNAL).is_file()]
     assert len(trials) == 2
     for trial in trials:
-        curve = [
-            json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines()
-        ]
+        curve = [r["epoch"] for r in read_journal(trial)[1]]
         assert curve == list(range(1, len(curve) + 1))  # one writer: no epoch twice
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")

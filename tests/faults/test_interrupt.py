@@ -21,6 +21,7 @@ from faultkit import (
     reported,
     start,
     trial_epochs,
+    trial_rows,
     wait_until,
     write_spec,
 )
@@ -64,29 +65,29 @@ def test_ctrl_c_stops_cleanly_and_resume_survives_damaged_checkpoints(tmp_path, 
     done_before = finished(experiment, EPOCHS)
     damaged = set()
     for trial in set(before) - set(done_before):
-        for state in (experiment / trial).glob("checkpoint_*/state.pt"):
+        for state in (experiment / trial).glob("checkpoint-*/state.pt"):
             state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
             damaged.add(trial)
     assert damaged, "no unfinished trial had a checkpoint to damage"
 
     resumed = jal("resume", str(experiment), "--num-cpus", "2", env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Trials Tune restores from a (damaged) checkpoint warn and restart; one stopped before its
-    # first checkpoint was registered restarts without one.
+    # Each damaged checkpoint is named in a warning; with none readable left, the trial restarts.
     warnings = [line for line in resumed.stderr.splitlines() if "unreadable checkpoint" in line]
-    warned = {t for t in damaged if any(f"/{t}/checkpoint_" in w for w in warnings)}
-    assert warned and all(any(f"/{t}/checkpoint_" in w for t in damaged) for w in warnings)
-    assert all("restarting the trial from epoch 0" in w for w in warnings)
+    assert all(any(f"/{t}/checkpoint-" in w for t in damaged) for w in warnings)
+    assert {t for t in damaged if any(f"/{t}/checkpoint-" in w for w in warnings)} == damaged
+    assert any("restarting the trial from epoch 0" in w for w in warnings)
 
     after = trial_epochs(experiment)
-    assert len(after) == 4 and all(curve[-1] == EPOCHS for curve in after.values())
+    assert len(after) == 4 and all(curve == list(range(1, EPOCHS + 1)) for curve in after.values())
+    rows = trial_rows(experiment)
     for trial, curve in done_before.items():
-        assert after[trial] == curve  # finished before the stop: not rerun
-    for trial in warned:
-        assert after[trial].count(1) == 2  # restarted from scratch after its reported epochs
+        assert after[trial] == curve and {r["start"] for r in rows[trial]} == {1}  # not rerun
+    for trial in damaged:
+        assert {r["start"] for r in rows[trial]} == {2}  # every epoch retrained by the restart
     assert [s["status"] for s in read_manifest(experiment)["settings"]] == ["done", "done"]
 
-    # The tables count the epochs the final model trained, not Tune's report counter.
+    # The tables count the epochs the final model trained.
     results.write_tables(experiment)
     trials = pq.read_table(experiment / "results/trials.parquet").to_pylist()
     assert [(t["status"], t["epochs"]) for t in trials] == [("completed", EPOCHS)] * 4

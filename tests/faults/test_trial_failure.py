@@ -15,8 +15,7 @@ import secrets
 
 import pyarrow.parquet as pq
 import pytest
-from faultkit import INJECT, environment, files_containing, jal, write_spec
-from faultkit import epochs as epochs_of
+from faultkit import INJECT, environment, files_containing, jal, trial_rows, write_spec
 from mlflow import MlflowClient
 
 from jal_search import results
@@ -71,6 +70,7 @@ def test_failing_trials_retry_from_checkpoints_and_a_persistent_failure_is_recor
         r["trial_id"]: r for r in pq.read_table(experiment / "results/trials.parquet").to_pylist()
     }
     epochs = pq.read_table(experiment / "results/epochs.parquet").to_pylist()
+    rows = trial_rows(experiment)
     for trial_id, lines in log.items():
         row = trials[trial_id]
         curve = [e["epoch"] for e in epochs if e["trial_id"] == trial_id]
@@ -80,11 +80,11 @@ def test_failing_trials_retry_from_checkpoints_and_a_persistent_failure_is_recor
             assert curve == list(range(1, fault_epoch))  # progress up to the fault is kept
         else:
             assert (row["status"], row["failure"], curve) == ("completed", None, [1, 2, 3, 4])
-            # Each epoch reported once: the retry went on from the checkpoint, not from scratch.
-            # (Restarting a trial, Tune copies result.json back from a storage copy its background
-            # sync may be rewriting, and can lose rows; the tables above restore them.)
-            reported = epochs_of(experiment / setting["name"] / trial_id / "result.json")
-            assert len(reported) == len(set(reported)) and set(reported) <= set(curve)
+            # The retry went on from the checkpoint before the fault, not from scratch: the
+            # journal keeps the first start's epochs and the retry trained the rest.
+            fault_epoch = int(lines[0].split()[1].removeprefix("raised="))
+            starts = [r["start"] for r in rows[f"{setting['name']}/{trial_id}"]]
+            assert starts == [1] * (fault_epoch - 1) + [2] * (EPOCHS - fault_epoch + 1)
     best = json.loads((experiment / "results/best.json").read_text())["best"]
     assert best[setting["name"]]["trial_id"] not in failed
 

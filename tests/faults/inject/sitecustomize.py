@@ -9,7 +9,7 @@ retries, checkpoint restore, failure bookkeeping, results and MLflow — runs un
 
 `JAL_FAULT_PLAN` is JSON: {"dir": folder for the attempt log, "epochs": [low, high],
 "always": {param: value, ...}}. Each trial gets its fault epoch drawn from [low, high] by a
-generator seeded with its trial id; a trial whose sampled params match `always` raises on every
+generator seeded with its trial's name; a trial whose sampled params match `always` raises on every
 attempt, the others only on their first. Each attempt appends one line to `<dir>/<trial_id>`:
 `start=<epoch it resumed from> raised=<epoch or ->`, so a test can see every retry and where
 it started.
@@ -38,8 +38,8 @@ def _wrap(train):
     original = train.run_trial
 
     def run_trial(config, report=None, resume=None):
-        try:
-            trial_id = tune.get_context().get_trial_id()
+        try:  # Tune's name for the trial is "<setting>-<trial>"; tables and MLflow use <trial>
+            trial_id = tune.get_context().get_trial_name().rsplit("-", 1)[-1]
         except Exception:  # noqa: BLE001 - not inside a Tune trial: no fault
             trial_id = None
         if report is None or not trial_id:
