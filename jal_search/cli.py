@@ -16,6 +16,7 @@ from jal_search.errors import UserError
 
 EXIT_USER_ERROR = 2
 DOWNLOAD_HELP = "fetch a torchvision dataset into --data-root first (needs internet)"
+MAX_MESSAGE = 1000  # characters of an error line; a message may quote a whole user value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,10 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = None
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if any("\0" in arg for arg in argv):  # no shell passes one; the OS refuses it in paths
+            raise UserError("an argument holds a NUL character; remove it")
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"jal-search: error: {err}", file=sys.stderr)
+        print(f"jal-search: error: {_one_line(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
@@ -40,6 +44,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumable = getattr(args, "verb", None) in ("run", "resume", "extend")
         print(f"jal-search: interrupted{hint if resumable else ''}", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped (one line, whatever a user value held), cut short."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_MESSAGE else f"{text[: MAX_MESSAGE - 1]}…"
+
+
+def _path(text: str) -> str:
+    """An argparse type: a path the OS can take (no NUL, no over-long name, no unknown ~user)."""
+    from jal_search.config import check_path_text
+
+    try:
+        return check_path_text(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,10 +103,14 @@ def _add_run(verbs: Any) -> None:
         help="run a search: every noise setting, each with its own searcher and scheduler",
         description="Run a search spec (a YAML file, or a shipped spec name: see `spaces`).",
     )
-    p.add_argument("spec", nargs="?", default="quick", help="spec file or name (default: quick)")
+    p.add_argument(
+        "spec", nargs="?", default="quick", type=_path, help="spec file or name (default: quick)"
+    )
     p.add_argument("--name", help="experiment name (default: the spec's name)")
-    p.add_argument("--storage-path", help="where experiments live (default: the spec's)")
-    p.add_argument("--data-root", help="dataset folder (default: the spec's data_root)")
+    p.add_argument(
+        "--storage-path", type=_path, help="where experiments live (default: the spec's)"
+    )
+    p.add_argument("--data-root", type=_path, help="dataset folder (default: the spec's data_root)")
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     _add_cluster_args(p)
     _add_tracking_arg(p)
@@ -161,7 +185,9 @@ def _extend(args: argparse.Namespace) -> int:
 
 
 def _add_experiment_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", help="experiment folder (or its name under ./jal_results)")
+    p.add_argument(
+        "experiment", type=_path, help="experiment folder (or its name under ./jal_results)"
+    )
 
 
 def _add_scope_args(p: argparse.ArgumentParser) -> None:
@@ -198,7 +224,7 @@ def _results(args: argparse.Namespace) -> int:
 def _add_export(verbs: Any) -> None:
     p = verbs.add_parser("export", help="write the best config per noise setting (YAML/JSON)")
     _add_experiment_arg(p)
-    p.add_argument("--out", required=True, help="best.yaml or best.json")
+    p.add_argument("--out", required=True, type=_path, help="best.yaml or best.json")
     _add_scope_args(p)
     p.set_defaults(func=_export)
 
@@ -246,7 +272,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _add_compare(verbs: Any) -> None:
     p = verbs.add_parser("compare", help="one table across searches: rows = losses")
-    p.add_argument("experiments", nargs="+", help="experiment folders or names")
+    p.add_argument("experiments", nargs="+", type=_path, help="experiment folders or names")
     p.set_defaults(func=_compare)
 
 
@@ -315,7 +341,7 @@ def _spaces(args: argparse.Namespace) -> int:
 
 def _add_validate(verbs: Any) -> None:
     p = verbs.add_parser("validate", help="check a spec and print the resolved search")
-    p.add_argument("spec", help="spec file or shipped spec name")
+    p.add_argument("spec", type=_path, help="spec file or shipped spec name")
     p.set_defaults(func=_validate)
 
 
@@ -336,11 +362,13 @@ def _add_train(verbs: Any) -> None:
         "--alpha 1 --beta 1 --a 30 --epochs 10",
     )
     p.add_argument("--dataset", default="mnist", help="dataset name (default: mnist, embedded)")
-    p.add_argument("--data-root", help="folder holding the dataset (see README: Datasets)")
+    p.add_argument(
+        "--data-root", type=_path, help="folder holding the dataset (see README: Datasets)"
+    )
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--subset", type=int, help="train on this many training images (seeded subset)")
     p.add_argument("--noise", default="clean", help="TYPE:RATE, e.g. symmetric:0.6, human:worst")
-    p.add_argument("--noise-file", help="label file for dependent or human noise")
+    p.add_argument("--noise-file", type=_path, help="label file for dependent or human noise")
     p.add_argument("--loss", default="jal_ce", help="loss name (jal-search list losses)")
     for name in ("alpha", "beta", "a", "q", "gamma"):
         p.add_argument(f"--{name}", type=float, help=f"loss parameter {name}")
@@ -365,7 +393,9 @@ def _add_train(verbs: Any) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
     p.add_argument(
-        "--config", help="an exported config file (jal-search export); other flags ignored"
+        "--config",
+        type=_path,
+        help="an exported config file (jal-search export); other flags ignored",
     )
     p.add_argument("--setting", help="the noise setting to take from --config")
     p.set_defaults(func=_train)
@@ -405,7 +435,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _exported(args: argparse.Namespace) -> Any:
-    from jal_search.results import load_exported
+    from jal_search.config import load_exported
 
     return load_exported(args.config, args.setting)
 

@@ -31,15 +31,17 @@ Conventions (SPEC §4)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
+import stat
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jal_search.config import parse_json
 from jal_search.errors import UserError
 
 NOISE_TYPES = ("clean", "symmetric", "asymmetric", "dependent", "human", "custom")
@@ -63,6 +65,11 @@ _PAIR_MAPS = {
     "digits": _MNIST_PAIRS,
 }
 _CIFAR100_BLOCK = 5
+
+# Label files hold one small integer per training image (CIFAR-N's .pt: 1 MB; Clothing1M's 1M
+# labels as int64: 8 MB). JSON costs ~10 bytes of Python objects per byte once parsed.
+MAX_LABEL_FILE_BYTES = 256 << 20  # also the unpacked size of an .npz
+MAX_JSON_LABEL_BYTES = 64 << 20
 
 # CLI names of CIFAR-N label sets (SPEC §4.4); any other key is looked up in the file as is.
 HUMAN_LABEL_KEYS = {
@@ -362,12 +369,21 @@ def _human_labels(clean: np.ndarray, k: int, key: str, path: Path) -> np.ndarray
 
 def _read_label_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     """A label vector, or a dict of named label vectors, from .json/.npy/.npz/.pt."""
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
         raise UserError(f"label_file {path}: no such file; check the path")
     suffix = path.suffix.lower()
+    limit = MAX_JSON_LABEL_BYTES if suffix == ".json" else MAX_LABEL_FILE_BYTES
+    if info.st_size > limit:
+        raise UserError(
+            f"label_file {path}: {info.st_size:,} bytes, more than {limit:,}; is it a label file?"
+        )
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
             if isinstance(data, dict):
                 return {str(key): np.asarray(value) for key, value in data.items()}
             return np.asarray(data)
@@ -377,17 +393,25 @@ def _read_label_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
                 return {name: array[name] for name in array.dtype.names}
             return array
         if suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:  # a zip bomb stops here
+                if sum(member.file_size for member in archive.infolist()) > limit:
+                    raise UserError(f"label_file {path}: unpacks to more than {limit:,} bytes")
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
         if suffix == ".pt":
             return _torch_load_labels(path)
     except UserError:
         raise
-    except (OSError, ValueError, TypeError) as err:
+    except RecursionError:
+        raise UserError(f"label_file {path}: JSON nested too deep; expected a list") from None
+    except Exception as err:
+        # numpy, zipfile and torch raise a dozen types on a corrupt file (BadZipFile, EOFError,
+        # MemoryError for a header declaring terabytes…): each means the file cannot be read.
         hint = ""
         if "allow_pickle" in str(err):
             hint = "; it holds pickled objects, re-save it with np.savez(path, **label_sets)"
-        raise UserError(f"label_file {path}: cannot read it ({_one_line(err)}){hint}") from None
+        problem = _one_line(err) or type(err).__name__
+        raise UserError(f"label_file {path}: cannot read it ({problem}){hint}") from None
     raise UserError(
         f"label_file {path}: unsupported extension {suffix!r}; use .json, .npy, .npz or .pt"
     )

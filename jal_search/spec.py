@@ -16,14 +16,32 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from jal_search.config import TrialConfig, one_line, trial_config
+from jal_search.config import (
+    Number,
+    NumberOrName,
+    PathText,
+    Seed,
+    TrialConfig,
+    one_line,
+    read_document,
+    trial_config,
+)
 from jal_search.errors import UserError
 from jal_search.noise import NoiseSetting, parse_noise_setting
 from jal_search.profiles import get_profile, shipped_loss_params
@@ -34,6 +52,7 @@ CLOSED_FORM_BOUND = ("clean", "symmetric", "asymmetric")
 # Datasets whose shipped labels already carry unknown real-world noise: no closed-form bound.
 REAL_NOISE_DATASETS = ("webvision", "clothing1m", "imagefolder")
 TRAINING_KNOBS = ("lr", "l1", "l2", "batch_size")  # TrialConfig fields a space may search
+MAX_TRIALS = 100_000  # per setting; a grid and `pack` list every config up front
 
 
 class _Strict(BaseModel):
@@ -43,10 +62,10 @@ class _Strict(BaseModel):
 class Param(_Strict):
     """One searched parameter: exactly one of loguniform / uniform / choice / fixed."""
 
-    loguniform: tuple[float, float] | None = None
-    uniform: tuple[float, float] | None = None
-    choice: list[float] | None = Field(None, min_length=1)
-    fixed: float | None = None
+    loguniform: tuple[Number, Number] | None = None
+    uniform: tuple[Number, Number] | None = None
+    choice: list[Number] | None = Field(None, min_length=1)
+    fixed: Number | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +83,8 @@ class Param(_Strict):
             bounds = getattr(self, kind)
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"{kind} needs [low, high] with low < high")
+            if bounds is not None and not math.isfinite(bounds[1] - bounds[0]):
+                raise ValueError(f"{kind}: [low, high] spans more than a float holds; narrow it")
         if self.loguniform is not None and self.loguniform[0] <= 0:
             raise ValueError("loguniform needs a positive low bound")
         return self
@@ -89,7 +110,8 @@ class Param(_Strict):
 
     def at_least(self, floor: float) -> Param | None:
         """This parameter restricted to values ≥ floor; None when nothing is left."""
-        if self.high < floor:
+        is_range = self.choice is None and self.fixed is None
+        if self.high < floor or (is_range and self.high == floor):  # a range needs low < high
             return None
         if self.choice is not None:
             return Param(choice=[v for v in self.choice if v >= floor])
@@ -100,31 +122,34 @@ class Param(_Strict):
 
 
 class Budget(_Strict):
-    trials: int = Field(ge=1, description="trials per noise setting (grid: the grid's size)")
-    epochs: int = Field(ge=1, description="maximum epochs per trial")
+    trials: StrictInt = Field(
+        ge=1, le=MAX_TRIALS, description="trials per noise setting (grid: the grid's size)"
+    )
+    epochs: StrictInt = Field(ge=1, description="maximum epochs per trial")
 
 
 class Scheduler(_Strict):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    grace_period: StrictInt = Field(1, ge=1)  # epochs every trial runs before it can be stopped
     # rf 6: rungs at epochs 1, 6, 36…; the cheapest schedule that kept the best config in
     # benchmarks/asha_efficiency.py (MNIST, 48 configs × 20 epochs)
-    reduction_factor: float = Field(6.0, gt=1)
+    reduction_factor: Number = Field(6.0, gt=1)
 
 
 class Searcher(_Strict):
     type: Literal["optuna", "random", "grid"] = "optuna"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Resources(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: Number = Field(1.0, gt=0)
+    gpus_per_trial: Number = Field(0.0, ge=0)
 
     @field_validator("gpus_per_trial")
     @classmethod
     def _whole_or_fraction(cls, value: float) -> float:
-        if 0 < value < 1 and not math.isclose(1 / value, round(1 / value)):
+        share = 1 / value if value else 0.0  # inf for a subnormal value: refused below
+        if 0 < value < 1 and not (share < 1e6 and math.isclose(share, round(share))):
             raise ValueError("a GPU fraction must be 1/k (0.5, 0.25, ...) so trials pack a GPU")
         if value >= 1 and value != int(value):
             raise ValueError("more than one GPU per trial must be a whole number")
@@ -132,32 +157,32 @@ class Resources(_Strict):
 
 
 class SearchSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)  # a folder name
     description: str = ""
     dataset: str
-    data_root: str | None = None
-    train_subset: int | None = Field(None, gt=0)
+    data_root: PathText | None = None
+    train_subset: StrictInt | None = Field(None, gt=0)
     loss: str
-    noise: dict[str, list[float | str]] = Field(min_length=1)
-    noise_files: dict[str, str] = Field(default_factory=dict)  # setting name → label file
+    noise: dict[str, list[NumberOrName]] = Field(min_length=1)
+    noise_files: dict[str, PathText] = Field(default_factory=dict)  # setting name → label file
     space: dict[str, Param] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)  # TrialConfig overrides (lr, model, …)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_fraction: Number = Field(0.1, gt=0, lt=1)
     val_labels: Literal["noisy", "clean"] = "noisy"
     budget: Budget
     scheduler: Scheduler = Scheduler()
     searcher: Searcher = Searcher()
     amse_bound: Literal["exclude", "flag"] = "exclude"
-    paper_configs_first: bool = True
-    seed: int = 123
+    paper_configs_first: StrictBool = True
+    seed: Seed = 123
     resources: Resources = Resources()
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    max_failures: int = Field(2, ge=0)
+    max_concurrent_trials: StrictInt | None = Field(None, ge=1)
+    max_failures: StrictInt = Field(2, ge=0)
     # Configs trained side by side in one trial process (jal_search.packed); every config of a
     # pack runs to budget.epochs, so only for grid/random searches without early stopping.
-    pack: int = Field(1, ge=1, le=32)
-    storage_path: str = "jal_results"
-    storage_shared: bool = False  # a local storage_path that every node of the cluster sees
+    pack: StrictInt = Field(1, ge=1, le=32)
+    storage_path: PathText = "jal_results"
+    storage_shared: StrictBool = False  # a local storage_path that every node of the cluster sees
     tracking_uri: str | None = None
 
     @field_validator("dataset", "loss")
@@ -238,7 +263,7 @@ def load_spec(source: str | Path) -> SearchSpec:
     # Relative data paths are relative to the spec file, and absolute from here on: trials run
     # in other processes and on other nodes.
     def absolute(p: str) -> str:
-        return str((path.parent / p).expanduser().resolve())
+        return str((path.parent / os.path.expanduser(p)).resolve())
 
     return spec.model_copy(
         update={
@@ -260,19 +285,16 @@ def read_raw_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """
     if path in seen:
         raise UserError(f"{path}: `extends` forms a cycle ({' -> '.join(p.name for p in seen)})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}; check indentation and colons") from None
+    raw = read_document(path, "spec")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a spec must be a YAML mapping of keys (name, dataset, loss, …)")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    relative = path.parent / f"{parent}"
-    base_path = relative if relative.is_file() else resolve_spec_path(parent)
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a spec's name or path, got {parent!r}")
+    relative = path.parent / parent
+    base_path = relative if _is_file(relative) else resolve_spec_path(parent)
     return _merge(read_raw_spec(base_path.resolve(), (*seen, path)), raw)
 
 
@@ -301,15 +323,22 @@ def parse_spec(raw: dict[str, Any], where: str = "spec") -> SearchSpec:
 
 def resolve_spec_path(source: str | Path) -> Path:
     path = Path(source)
-    if path.is_file():
+    if _is_file(path):
         return path.resolve()
     shipped = SPACES_DIR / f"{source}.yaml"
-    if shipped.is_file():
+    if _is_file(shipped):
         return shipped
     raise UserError(
         f"spec {str(source)!r}: no such file and no shipped spec of that name; "
         f"see `jal-search spaces` (shipped: {', '.join(shipped_specs())})"
     )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the OS, a NUL: no such file either
+        return False
 
 
 def shipped_specs() -> list[str]:
@@ -355,6 +384,12 @@ def plan(spec: SearchSpec) -> list[SettingPlan]:
         if loose:
             raise UserError(
                 f"space.{loose[0]}: a grid search needs `choice` or `fixed` values, not a range"
+            )
+        size = space_size(spec.space) or 1
+        if size > MAX_TRIALS:
+            raise UserError(
+                f"space: the grid holds {size:,} configs, more than {MAX_TRIALS:,}; "
+                "give fewer choices"
             )
     for key in ("epochs", "seed", "loss", "dataset", "noise_type", "noise_rate"):
         if key in spec.training:

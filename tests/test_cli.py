@@ -92,3 +92,14 @@ def test_an_exported_config_reruns_unchanged(tmp_path):
     assert printed.returncode == 0, printed.stderr
     rows = [json.loads(line) for line in printed.stdout.splitlines()]
     assert [r["test_acc"] for r in rows] == [m["test_acc"] for m in expected]
+
+
+def test_an_error_is_one_line_whatever_the_input_holds(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: t\ndataset: digits\nloss: ce\nnoise: {clean: [0]}\n"
+        'budget: {trials: 1, epochs: 1}\n"a\\nb\\u2028c": 1\n'
+    )
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a\\nb\\u2028c: Extra inputs are not permitted" in err, err

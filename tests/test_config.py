@@ -1,8 +1,10 @@
 """Trial configs and profiles: defaults resolve to the paper's values; bad fields are named."""
 
+import time
+
 import pytest
 
-from jal_search.config import TrialConfig, trial_config
+from jal_search.config import TrialConfig, parse_document, trial_config
 from jal_search.errors import UserError
 from jal_search.losses import build_loss, loss_names
 from jal_search.profiles import LOSS_TABLES, PROFILES, shipped_loss_params, weight_decay
@@ -84,3 +86,57 @@ def test_unknown_loss_parameter_names_the_valid_ones():
         TrialConfig(loss="jal_ce", loss_params={"b": 1.0}).resolve()
     with pytest.raises(UserError, match="no training profile for 'svhn'"):
         TrialConfig(dataset="svhn").resolve()
+
+
+def test_numbers_take_yaml_ints_and_text_but_counts_and_flags_are_strict():
+    cfg = trial_config({"lr": 1, "l2": 0, "l1": "1e-5", "epochs": 3, "compile": True})
+    assert (cfg.lr, cfg.l2, cfg.l1, cfg.epochs) == (1.0, 0.0, 1e-5, 3)  # YAML reads 1e-5 as text
+    for data, message in [
+        ({"epochs": 3.0}, "train.epochs: Input should be a valid integer"),
+        ({"epochs": True}, "train.epochs: Input should be a valid integer"),
+        ({"lr": True}, "train.lr: Value error, expected a number, not true/false"),
+        ({"lr": float("inf")}, "train.lr: Input should be a finite number"),
+        ({"loss_params": {"a": float("nan")}}, "train.loss_params.a: Input should be a finite"),
+        ({"noise_rate": False}, "train.noise_rate: Value error, expected a finite number or a"),
+        ({"compile": "yes"}, "train.compile: Input should be a valid boolean"),
+        ({"seed": 2**32}, "train.seed: Input should be less than 4294967296"),
+        ({"noise_file": "a\0b"}, "train.noise_file: Value error, a path cannot hold a NUL"),
+    ]:
+        with pytest.raises(UserError) as err:
+            trial_config(data, where="train")
+        assert str(err.value).startswith(message), err.value
+
+
+def test_documents_keep_merge_keys_and_read_dates_as_text():
+    doc = parse_document("b: &b {x: 1, y: 2}\nc: {<<: *b, y: 3}\nd: 2001-02-30\n", "doc")
+    assert doc == {"b": {"x": 1, "y": 2}, "c": {"x": 1, "y": 3}, "d": "2001-02-30"}
+
+
+@pytest.mark.parametrize(
+    ("text", "as_json", "message"),
+    [
+        ("a: 1\nb: 2\na: 3\n", False, "doc: key 'a' appears twice (lines 1 and 3); keep one"),
+        ('{"a": 1, "a": 2}', True, "doc: key 'a' appears twice; keep one"),
+        ("a: &a [*a]\n", False, "doc: nested deeper than 20 levels at a[0]"),
+        ("[" * 10**5, False, "doc: nested deeper than 20 levels (line 1)"),
+        ("[" * 10**5, True, "doc: nested deeper than 20 levels"),
+        ("[" + "1," * 10**4 + "1]", False, "doc: more than 10,000 values"),
+        ('{"a": Infinity}', True, "doc: Infinity is not a JSON number"),
+        ("a: !!int 0x\n", False, "doc: not valid YAML (ValueError"),
+        ('a: "\\0"\n', False, "doc: a holds a NUL character; remove it"),
+    ],
+)
+def test_documents_beyond_the_bounds_are_one_line_errors(text, as_json, message):
+    with pytest.raises(UserError) as err:
+        parse_document(text, "doc", as_json=as_json)
+    assert str(err.value).startswith(message), err.value
+
+
+def test_an_alias_bomb_is_refused_in_a_bounded_walk():
+    lines = ["a0: &a0 [x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)
+    ]
+    began = time.perf_counter()
+    with pytest.raises(UserError, match="more than 10,000 values"):
+        parse_document("\n".join(lines), "doc")
+    assert time.perf_counter() - began < 1  # 9^9 values if expanded; the walk stops at 10,000

@@ -151,3 +151,12 @@ def test_a_missing_dataset_folder_stops_the_run_before_anything_is_written(tmp_p
     assert main(argv) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_a_data_root_under_home_is_expanded_and_numbers_may_be_ints_or_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # YAML 1.1 reads `1e-1` (no dot) as text: still a number for a float field
+    spec = {**GOOD, "data_root": "~/data", "val_fraction": "1e-1"}
+    loaded = load_spec(write(tmp_path, {**spec, "space": {"alpha": {"uniform": [1, 9]}}}))
+    assert loaded.data_root == str(tmp_path / "data")
+    assert loaded.space["alpha"].uniform == (1.0, 9.0) and loaded.val_fraction == 0.1

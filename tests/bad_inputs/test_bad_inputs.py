@@ -5,12 +5,16 @@ nothing written: no storage folder, no MLflow database, nothing in the working d
 Cases:
 - specs/*.yaml: search specs, each with its expected message on a first `# expect:` line,
   given to `jal-search run` (one that sets no storage_path gets --storage-path TMP/store);
-- exports/*: exported configs edited by hand, given to `jal-search train --config`;
-- DATA_CASES: dataset folders and label files, built here because their validity depends on
-  sizes (wrong layout, corrupt IDX and pickle, label files of the wrong length or range);
+- exports/*: exported configs edited by hand, given to `jal-search train --config` (JSON ones,
+  which cannot hold a comment, expect what JSON_EXPECT says);
+- DATA_CASES: dataset folders, label files and hostile documents, built here because their
+  validity depends on sizes or bytes (wrong layout, corrupt IDX and pickle, label files of the
+  wrong length or range, random bytes, nesting 10^5 deep, FIFOs);
 - CLI_CASES: bad arguments to the verbs.
 Most cases run in-process (`cli.main`, stderr captured); SUBPROCESS_CASES rerun a few as
-separate processes to prove that the process itself prints no traceback.
+separate processes to prove that the process itself prints no traceback, and the hand-found
+hostile documents (alias bombs, random bytes) run as processes whose peak memory is measured.
+tests/fuzz/ generates thousands more.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import struct
 import subprocess
@@ -26,11 +31,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from jal_search import noise
 from jal_search.cli import main
 from jal_search.data import IDX_FILES, load_dataset
+from jal_search.errors import UserError
 
 CORPUS = Path(__file__).resolve().parent
 SPECS = sorted((CORPUS / "specs").glob("*.yaml"))
@@ -90,9 +98,17 @@ def test_bad_spec(spec, sandbox, capsys):
         assert expected in refused(run_spec(spec, sandbox), sandbox, capsys)
 
 
+JSON_EXPECT = {
+    "not_json.json": "not_json.json: not valid JSON at line 1",
+    "nan.json": "nan.json: NaN is not a JSON number; write a finite number",
+    "duplicate_key.json": "duplicate_key.json: key 'config' appears twice; keep one",
+    "deep.json": "deep.json: nested deeper than 20 levels",
+}
+
+
 @pytest.mark.parametrize("export", EXPORTS, ids=[p.name for p in EXPORTS])
 def test_hand_edited_export(export, sandbox, capsys):
-    expected = expectation(export) if export.suffix != ".json" else f"{export}: not valid JSON"
+    expected = JSON_EXPECT[export.name] if export.suffix == ".json" else expectation(export)
     message = refused(["train", "--config", str(export), "--epochs", "1"], sandbox, capsys)
     assert expected in message
 
@@ -253,6 +269,67 @@ def label_file_corrupt_npy(t):
     return run(dependent(t, b"[0, 1,", "labels.npy"), t), "labels.npy: cannot read it"
 
 
+def dependent_bytes(tmp: Path, content: bytes, name: str) -> Path:
+    """`dependent` for a label file of raw bytes."""
+    (tmp / name).write_bytes(content)
+    files = {"dependent-0.4": str(tmp / name)}
+    return spec_with(tmp, noise={"dependent": [0.4]}, noise_files=files)
+
+
+@case
+def label_file_duplicate_key(t):
+    sets = b'{"worse_label": [1, 2], "worse_label": [3, 4]}'
+    return run(dependent_bytes(t, sets, "labels.json"), t), "key 'worse_label' appears twice"
+
+
+@case
+def label_file_nested_deep(t):
+    return run(dependent_bytes(t, b"[" * 100_000, "labels.json"), t), "JSON nested too deep"
+
+
+@case
+def label_file_npy_header_lies(t):
+    header = "{'descr': '<i8', 'fortran_order': False, 'shape': (10000000000000,), }".ljust(117)
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.encode() + b"\n" + bytes(16)
+    return run(dependent_bytes(t, npy, "labels.npy"), t), "labels.npy: cannot read it"
+
+
+# Hostile documents, as the hand-found ones of issue 12 (the rest are corpus files above).
+def random_bytes(t: Path, name: str) -> Path:
+    path = t / name
+    path.write_bytes(random.Random(12).randbytes(4096))
+    return path
+
+
+@case
+def spec_random_bytes(t):
+    return run(random_bytes(t, "spec.yaml"), t), "spec.yaml: not UTF-8 text (byte 0)"
+
+
+@case
+def export_random_bytes(t):
+    path = random_bytes(t, "best.yaml")
+    return ["train", "--config", str(path)], f"{path}: not UTF-8 text (byte 0)"
+
+
+@case
+def spec_nested_deep(t):
+    (t / "deep.yaml").write_text("name: " + "[" * 100_000)
+    return run(t / "deep.yaml", t), "deep.yaml: nested deeper than 20 levels (line 1)"
+
+
+@case
+def spec_over_a_mebibyte(t):
+    (t / "big.yaml").write_text("# a comment\n" * 100_000)
+    return run(t / "big.yaml", t), "big.yaml: over 1,048,576 bytes; is it the right file?"
+
+
+@case
+def export_is_a_fifo(t):
+    os.mkfifo(t / "best.yaml")  # reading it would wait for a writer forever
+    return ["train", "--config", str(t / "best.yaml")], "best.yaml is not a regular file"
+
+
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
 def test_bad_data(case, sandbox, capsys):
     argv, expected = DATA_CASES[case](sandbox)
@@ -282,6 +359,22 @@ CLI_CASES: dict[str, tuple[list[str], str]] = {
     "train_no_cuda": (["train", "--device", "cuda:0", "--epochs", "1"], "CUDA is not available"),
     "train_config_missing": (["train", "--config", "gone.yaml"], "--config: cannot read gone.yaml"),
     "validate_nothing": (["validate", "nothing.yaml"], "no such file and no shipped spec"),
+    "validate_name_too_long": (["validate", "x" * 300], "a path component longer than 255 bytes"),
+    "argument_with_nul": (["validate", "quick\0"], "an argument holds a NUL character"),
+    "train_data_root_unknown_user": (
+        ["train", "--data-root", "~nosuchuser/data"],
+        "~nosuchuser: no such user here; give the full path",
+    ),
+    "train_lr_nan": (["train", "--lr", "nan"], "train.lr: Input should be a finite number"),
+    "train_param_infinite": (
+        ["train", "--param", "a=inf"],
+        "loss_params.a: Input should be a finite",
+    ),
+    "train_seed_negative": (["train", "--seed", "-3"], "train.seed: Input should be greater than"),
+    "run_storage_path_unknown_user": (
+        ["run", "smoke", "--storage-path", "~nosuchuser"],
+        "~nosuchuser: no such user here",
+    ),
 }
 
 
@@ -316,6 +409,46 @@ def test_a_separate_process_prints_only_the_line_and_exits_2(name, sandbox):
     spec = CORPUS / "specs" / f"{name}.yaml"
     message = refused_by_process(run_spec(spec, sandbox), sandbox)
     assert expectation(spec) in message
+
+
+def test_an_archive_unpacking_beyond_the_bound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(noise, "MAX_LABEL_FILE_BYTES", 1000)
+    file = tmp_path / "labels.npz"
+    np.savez_compressed(file, worse_label=np.zeros(200, dtype=np.int64))  # 1,728 bytes unpacked
+    with pytest.raises(UserError, match="labels.npz: unpacks to more than 1,000 bytes"):
+        noise.corrupt_labels(np.zeros(200, dtype=int), "human", "worst", 10, 0, label_file=file)
+
+
+def peak_mib(argv: list[str], cwd: Path) -> tuple[float, str]:
+    """A `jal-search` process's peak resident memory and its stderr; it must exit 2."""
+    err = cwd / "stderr.txt"
+    with err.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jal_search.cli", *argv], cwd=cwd, stderr=stderr
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    text = err.read_text()
+    err.unlink()
+    assert process.returncode == 2, text
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    return usage.ru_maxrss / 1024, text
+
+
+def test_hostile_documents_exit_2_in_no_more_memory_than_a_plain_mistake(sandbox):
+    """Issue 12's hand-found cases as real processes: an alias bomb (9 levels of 9 aliases) once
+    aborted the process or ate all memory, and random bytes printed a traceback."""
+    cwd = sandbox / "cwd"
+    plain, _ = peak_mib(["validate", str(CORPUS / "specs" / "unknown_loss.yaml")], cwd)
+    for argv, message in [
+        (["validate", str(CORPUS / "specs" / "alias_bomb.yaml")], "more than 10,000 values"),
+        (["train", "--config", str(CORPUS / "exports" / "alias_bomb.yaml")], "10,000 values"),
+        (["validate", str(random_bytes(sandbox, "spec.yaml"))], "not UTF-8 text"),
+    ]:
+        peak, text = peak_mib(argv, cwd)
+        assert message in text
+        assert peak < plain + 100, (argv, peak, plain)
+    assert list(cwd.iterdir()) == []
 
 
 def test_the_corpus_is_large_enough():
