@@ -58,6 +58,7 @@ from jal_search.data import IN_MEMORY_DATASETS, ImageSet
 from jal_search.errors import UserError
 from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
+from jal_search.metrics import epoch_metrics
 from jal_search.models import build_model
 from jal_search.profiles import Profile, get_profile
 from jal_search.train import (
@@ -153,23 +154,21 @@ def run_packed(
         seconds = time.perf_counter() - began
         reported: dict[int, Metrics] = {}
         for i in active:
-            diverged = not math.isfinite(train_loss[i])
-            metrics: Metrics = {
-                "epoch": float(epoch + 1),
-                "train_loss": train_loss[i],
-                "noisy_fit": fit[i] / max(n_train, 1),
-                "memorized": memo[i] / wrong[i] if wrong[i] else math.nan,
-                "val_acc": math.nan if diverged else val[i],
-                "test_acc": math.nan if diverged else test[i],
-                "lr": lr[i],
-                "noise_realised": data[i].noise_rate,
-                "epoch_seconds": seconds,
-                "diverged": float(diverged),
-                "bf16": float(step.bf16),
-            }
+            metrics = epoch_metrics(
+                epoch=epoch + 1,
+                train_loss=train_loss[i],
+                noisy_fit=fit[i] / max(n_train, 1),
+                memorized=memo[i] / wrong[i] if wrong[i] else math.nan,
+                val_acc=val[i],
+                test_acc=test[i],
+                lr=lr[i],
+                noise_realised=data[i].noise_rate,
+                epoch_seconds=seconds,
+                bf16=step.bf16,
+            )
             histories[i].append(metrics)
             reported[i] = metrics
-            if diverged:
+            if metrics["diverged"]:
                 status[i] = "diverged"
         active = finite
         if report is not None:

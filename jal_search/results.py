@@ -51,33 +51,29 @@ from jal_search import experiment as exp
 from jal_search.config import TrialConfig, trial_config
 from jal_search.errors import UserError
 from jal_search.journal import JOURNAL
+from jal_search.metrics import METRICS, SELECTION
 from jal_search.spec import SearchSpec, SettingPlan, parse_spec, plan
 
 RESULTS_DIR = "results"
 SCOPES = ("last", "best-epoch", "last-k-mean")
-METRIC = "val_acc"  # the selection metric; test_acc is reported only
+METRIC = SELECTION  # the selection metric; test_acc is reported only
 ELIGIBLE = ("completed", "stopped", "running")  # statuses that may win a selection
 PARAM_PREFIX = "param_"
 EXPORT_SUFFIXES = (".yaml", ".yml", ".json")
 
-# The one definition of the table columns: (name, type, tables: e = epochs, t = trials, meaning).
+FINAL = [m for m in METRICS if m.final]  # the trials table's final_<name> columns
+# The one definition of the table columns: (name, type, tables: e = epochs, t = trials, meaning);
+# the per-epoch metrics' own from `metrics.METRICS`.
 COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("experiment", pa.string(), "et", "the experiment's name (its manifest's `name`)"),
     ("loss", pa.string(), "et", "the spec's loss, as written there (e.g. jal_ce)"),
     ("setting", pa.string(), "et", "noise setting id, e.g. symmetric-0.4, human-worst"),
     ("noise_type", pa.string(), "et", "clean, symmetric, asymmetric, dependent, human, custom"),
     ("noise_rate", pa.float64(), "et", "nominal noise rate; null for human/custom label sets"),
-    ("trial_id", pa.string(), "et", "Tune's trial id (the trial's folder name)"),
+    ("trial_id", pa.string(), "et", "the trial's name in its setting, e.g. t00007 (its folder)"),
     # param_<name> columns go here (float64, one per searched hyperparameter)
     ("epoch", pa.int32(), "e", "1-based epoch"),
-    ("train_loss", pa.float64(), "e", "mean training loss of the epoch (NaN: diverged)"),
-    ("noisy_fit", pa.float64(), "e", "fraction of training samples predicted as their noisy label"),
-    ("memorized", pa.float64(), "e", "fraction of mislabelled samples fitted to the wrong label"),
-    ("val_acc", pa.float64(), "e", "accuracy on the held-out split (the selection metric)"),
-    ("test_acc", pa.float64(), "e", "clean test accuracy (reported, never used to select)"),
-    ("lr", pa.float64(), "e", "learning rate used in the epoch"),
-    ("noise_realised", pa.float64(), "et", "realised fraction of wrong training labels"),
-    ("epoch_seconds", pa.float64(), "e", "wall time of the epoch's training and evaluation"),
+    *((m.name, pa.float64(), m.tables, m.meaning) for m in METRICS if m.tables),
     ("time_total_s", pa.float64(), "et", "the trial's training time up to this (the last) epoch"),
     ("diverged", pa.bool_(), "e", "the epoch's loss was not finite (the trial ends there)"),
     ("label_hash", pa.string(), "et", "hash of the trial's noisy label vector"),
@@ -85,11 +81,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("failure", pa.string(), "t", "why a failed trial failed; null otherwise"),
     ("epochs", pa.int32(), "t", "epochs the trial reached (0 if it reported none)"),
     ("max_epochs", pa.int32(), "t", "the search's epoch budget per trial"),
-    ("final_val_acc", pa.float64(), "t", "val_acc at the last epoch reached"),
-    ("final_test_acc", pa.float64(), "t", "test_acc at the last epoch reached"),
-    ("final_train_loss", pa.float64(), "t", "train_loss at the last epoch reached"),
-    ("final_noisy_fit", pa.float64(), "t", "noisy_fit at the last epoch reached"),
-    ("final_memorized", pa.float64(), "t", "memorized at the last epoch reached"),
+    *((f"final_{m.name}", pa.float64(), "t", f"{m.name} at the last epoch reached") for m in FINAL),
     ("best_epoch", pa.int32(), "t", "epoch of the highest finite val_acc (earliest on ties)"),
     ("best_val_acc", pa.float64(), "t", "val_acc at best_epoch"),
     ("best_test_acc", pa.float64(), "t", "test_acc at best_epoch"),
@@ -111,9 +103,7 @@ FINAL_SCHEMA = pa.schema(
     ]
 )
 
-_EPOCH_METRICS = ("train_loss", "noisy_fit", "memorized", "val_acc", "test_acc", "lr")
-_EPOCH_METRICS += ("noise_realised", "epoch_seconds", "time_total_s")
-_FINAL_METRICS = ("val_acc", "test_acc", "train_loss", "noisy_fit", "memorized")
+_EPOCH_METRICS = (*(m.name for m in METRICS if "e" in m.tables), "time_total_s")
 
 
 def schema(table: str, params: Sequence[str]) -> pa.Schema:
@@ -312,7 +302,7 @@ def trials_table(ref: Ref) -> pa.Table:
                     "failure": record.error,
                     "epochs": int(last.get("training_iteration", 0)),
                     "max_epochs": max_epochs,
-                    **{f"final_{m}": _number(last.get(m)) for m in _FINAL_METRICS},
+                    **{f"final_{m.name}": _number(last.get(m.name)) for m in FINAL},
                     "best_epoch": int(peak["training_iteration"]) if peak else None,
                     "best_val_acc": _number(peak.get("val_acc")),
                     "best_test_acc": _number(peak.get("test_acc")),
@@ -557,35 +547,6 @@ def export(ref: Ref, out: Path, scope: str = "last", last_k: int = 3) -> Path:
     else:
         text = yaml.safe_dump(doc, sort_keys=False)
     return atomic_write(out, lambda p: p.write_text(text))
-
-
-def load_exported(path: str | Path, setting: str | None = None) -> TrialConfig:
-    """The resolved TrialConfig of one setting of an export file (`setting` may be omitted when
-    the file holds one). Hand edits are validated: a bad field is a one-line UserError."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"--config: cannot read {path} ({err.strerror})") from None
-    try:
-        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError):
-        raise UserError(f"{path}: not valid {path.suffix.lstrip('.').upper()}") from None
-    settings = doc.get("settings") if isinstance(doc, dict) else None
-    if not isinstance(settings, dict) or not settings:
-        raise UserError(f"{path}: not a jal-search export (no `settings` mapping); see `export`")
-    available = ", ".join(settings)
-    if setting is None:
-        if len(settings) > 1:
-            raise UserError(f"{path}: holds several settings; choose --setting: {available}")
-        setting = next(iter(settings))
-    if setting not in settings:
-        raise UserError(f"--setting: {path} has no setting {setting!r}; available: {available}")
-    entry = settings[setting]
-    where = f"{path.name}:settings.{setting}.config"
-    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-        raise UserError(f"{where}: missing; re-export the experiment")
-    return trial_config(entry["config"], where=where).resolve()
 
 
 # --------------------------------------------------------------------------- final and compare

@@ -57,9 +57,10 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from jal_search import experiment as exp
+from jal_search import metrics
 from jal_search.errors import UserError
 
-METRICS = ("train_loss", "val_acc", "test_acc", "noisy_fit", "memorized", "lr", "epoch_seconds")
+METRICS = tuple(m.name for m in metrics.METRICS if m.tracked)  # logged per epoch
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "stopped": "KILLED",

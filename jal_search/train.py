@@ -41,6 +41,7 @@ from jal_search.data import load_dataset
 from jal_search.errors import UserError
 from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
+from jal_search.metrics import epoch_metrics
 from jal_search.models import build_model
 from jal_search.noise import corrupt_labels, label_hash, realised_rate
 from jal_search.profiles import Profile, get_profile
@@ -248,23 +249,19 @@ def run_trial(
         scheduler.step()
         train_loss = sums.loss.item() / max(sums.batches, 1)
         diverged = not math.isfinite(train_loss)
-        n_train = len(data.train_idx)
         n_wrong = int(sums.wrong.item())
-        metrics: Metrics = {
-            "epoch": float(epoch + 1),
-            "train_loss": train_loss,
-            "noisy_fit": sums.fit.item() / max(n_train, 1),
-            "memorized": sums.memo.item() / n_wrong if n_wrong else math.nan,
-            "val_acc": accuracy(net, val_batches, bf16)
-            if val_batches and not diverged
-            else math.nan,
-            "test_acc": accuracy(net, test_batches, bf16) if not diverged else math.nan,
-            "lr": lr,
-            "noise_realised": data.noise_rate,
-            "epoch_seconds": time.perf_counter() - began,
-            "diverged": float(diverged),
-            "bf16": float(bf16),
-        }
+        metrics = epoch_metrics(
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            noisy_fit=sums.fit.item() / max(len(data.train_idx), 1),
+            memorized=sums.memo.item() / n_wrong if n_wrong else math.nan,
+            val_acc=accuracy(net, val_batches, bf16) if val_batches and not diverged else math.nan,
+            test_acc=accuracy(net, test_batches, bf16) if not diverged else math.nan,
+            lr=lr,
+            noise_realised=data.noise_rate,
+            epoch_seconds=time.perf_counter() - began,
+            bf16=bf16,
+        )
         history.append(metrics)
         if report is not None:
             report(metrics, _state(epoch + 1, model, optimizer, scheduler, data, history))

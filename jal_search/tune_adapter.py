@@ -33,12 +33,13 @@ from jal_search.config import TrialConfig
 from jal_search.errors import UserError
 from jal_search.experiment import MEMBERS, SETTING, TRIAL, member_id, provenance, unpack
 from jal_search.journal import Checkpoints, Journal, sole_writer
+from jal_search.metrics import METRICS
 from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.train import run_trial
 from jal_search.tune_callbacks import StorageGuard, Tracking, no_space, storage_full
 from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting
 
-PROGRESS_METRICS = {"val_acc": "val_acc", "test_acc": "test_acc", "noisy_fit": "noisy_fit"}
+PROGRESS_METRICS = {m.name: m.name for m in METRICS if m.progress}
 TUNER_FILE = "tuner.pkl"  # where Tune writes it is where its experiment is
 TUNE_DIR = "tune"  # Tune's experiment folder inside ours
 # Trials must not chdir into their trial folder: data and spec paths stay as given.

@@ -38,9 +38,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from jal_search.experiment import MEMBERS, SETTING, TRIAL
+from jal_search.metrics import SELECTION
 from jal_search.spec import Param, SearchSpec, SettingPlan, fixed_configs, packs, with_trials
 
-METRIC, MODE = "val_acc", "max"
+METRIC, MODE = SELECTION, "max"
 STUDY_FILE = "optuna.journal"  # neither .json nor .pkl: Tune never copies it around
 CONFIG_ATTR, TWIN_ATTR = "jal.config", "jal.twin_of"
 

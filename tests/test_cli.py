@@ -71,7 +71,8 @@ def test_an_exported_config_reruns_unchanged(tmp_path):
     # `export` → `train --config` reproduces the exported trial: same config, same metrics.
     from fabricate import FakeTrial, fabricate
 
-    from jal_search.results import export, load_exported
+    from jal_search.config import load_exported
+    from jal_search.results import export
     from jal_search.train import run_trial
 
     path = fabricate(

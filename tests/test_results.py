@@ -16,6 +16,7 @@ import yaml
 from fabricate import SPEC, FakeTrial, clean_acc, fabricate
 
 from jal_search import report, results, search
+from jal_search.config import load_exported
 from jal_search.errors import UserError
 from jal_search.experiment import MANIFEST
 from jal_search.journal import JOURNAL
@@ -268,7 +269,7 @@ def test_export_round_trip_reproduces_the_config(path, tmp_path, suffix):
     out = results.export(path, tmp_path / f"best{suffix}", scope="best-epoch")
     for setting, winner in ((SYM, "b0000002"), (ASYM, "h0000008")):
         expected = plans()[setting].trial(fake(winner).params).resolve()
-        loaded = results.load_exported(out, setting)
+        loaded = load_exported(out, setting)
         assert loaded == expected
         assert loaded.epochs == 4 and loaded.loss_params["a"] == fake(winner).params["a"]
         assert None not in (loaded.model, loaded.lr, loaded.batch_size, loaded.l1, loaded.l2)
@@ -289,9 +290,9 @@ def test_export_round_trip_reproduces_the_config(path, tmp_path, suffix):
 def test_load_exported_names_the_problem(path, tmp_path):
     out = results.export(path, tmp_path / "best.yaml")
     with pytest.raises(UserError, match=f"no setting 'clean'; available: {SYM}, {ASYM}"):
-        results.load_exported(out, "clean")
+        load_exported(out, "clean")
     with pytest.raises(UserError, match="choose --setting"):
-        results.load_exported(out)
+        load_exported(out)
     doc = yaml.safe_load(out.read_text())
     for edit, field in (
         ({"lr": -0.1}, f"best.yaml:settings.{SYM}.config.lr"),
@@ -302,13 +303,13 @@ def test_load_exported_names_the_problem(path, tmp_path):
         edited["settings"][SYM]["config"] = {**doc["settings"][SYM]["config"], **edit}
         out.write_text(yaml.safe_dump(edited))
         with pytest.raises(UserError, match=field) as err:
-            results.load_exported(out)  # a single setting needs no --setting
+            load_exported(out)  # a single setting needs no --setting
         assert "\n" not in str(err.value)
     out.write_text("settings: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
-        results.load_exported(out, SYM)
+        load_exported(out, SYM)
     with pytest.raises(UserError, match="cannot read"):
-        results.load_exported(tmp_path / "absent.yaml", SYM)
+        load_exported(tmp_path / "absent.yaml", SYM)
     with pytest.raises(UserError, match="must end in"):
         results.export(path, tmp_path / "best.txt")
 
@@ -337,7 +338,7 @@ def test_export_writes_the_config_the_trial_recorded_not_one_planned_anew(path, 
     best = results.best(path)[SYM].trial_id
     edit_header(path / SYM / best, lambda h: h["config"].update(lr=0.0123))
     out = results.export(path, tmp_path / "best.yaml")
-    assert results.load_exported(out, SYM).lr == 0.0123
+    assert load_exported(out, SYM).lr == 0.0123
     assert plans()[SYM].trial(fake(best).params).resolve().lr != 0.0123
 
 
@@ -502,7 +503,7 @@ def test_exported_config_reruns_the_trial_exactly(path, tmp_path):
     # The Tune trainable runs `plan.trial(params)`; the export must train identically.
     out = results.export(path, tmp_path / "best.yaml")
     searched = run_trial(plans()[SYM].trial(fake("a0000001").params)).history
-    rerun = run_trial(results.load_exported(out, SYM)).history
+    rerun = run_trial(load_exported(out, SYM)).history
     drop = ("epoch_seconds",)  # wall time is the only thing allowed to differ
     assert [{k: v for k, v in h.items() if k not in drop} for h in rerun] == [
         {k: v for k, v in h.items() if k not in drop} for h in searched
