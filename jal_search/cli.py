@@ -354,6 +354,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- train
 def _add_train(verbs: Any) -> None:
+    from jal_search.config import DEFAULT_SEED
+
     p = verbs.add_parser(
         "train",
         help="run one training (no Ray) and print per-epoch metrics",
@@ -380,7 +382,7 @@ def _add_train(verbs: Any) -> None:
     p.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out part (default 0.1)")
     p.add_argument("--val-labels", choices=("noisy", "clean"), default="noisy")
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--seeds", type=int, default=1, help="repeat over seeds seed..seed+K-1")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")

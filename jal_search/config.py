@@ -41,6 +41,7 @@ VALIDATION_SEED = (
     42  # the held-out split is the same for every trial and seed (as ANL's tuning split)
 )
 SUBSET_SEED = 0  # a train subset is part of the dataset's definition: fixed across trials and seeds
+DEFAULT_SEED = 123  # a trial's seed (and its noisy labels') unless a spec or a flag sets one
 
 # Bounds on a user document. A spec is ~1 KB with a few dozen values, an export ~1 KB per setting;
 # the bounds keep a hostile file (a YAML alias bomb, nesting 10^5 deep) to milliseconds and MBs.
@@ -115,8 +116,8 @@ class TrialConfig(BaseModel):
     l2: Number | None = Field(None, ge=0)  # SGD weight decay
     val_fraction: Number = Field(0.1, ge=0, lt=1)
     val_labels: Literal["noisy", "clean"] = "noisy"
-    seed: Seed = 123
-    noise_seed: Seed | None = None
+    seed: Seed = DEFAULT_SEED
+    noise_seed: Seed | None = None  # None: `seed` (see `labels_seed`)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: StrictInt | None = Field(None, gt=0)  # torch intra-op threads; None: torch's default
     # bf16: the model's forward under bf16 autocast (weights, loss and optimiser stay fp32);
@@ -135,6 +136,11 @@ class TrialConfig(BaseModel):
         from jal_search.noise import NoiseSetting
 
         return NoiseSetting(self.noise_type, self.noise_rate).name
+
+    @property
+    def labels_seed(self) -> int:
+        """The seed of the trial's noisy labels: `noise_seed`, else the trial's own `seed`."""
+        return self.seed if self.noise_seed is None else self.noise_seed
 
     def resolve(self) -> TrialConfig:
         """A copy with every None training knob filled from the profile and the loss tables."""
@@ -161,7 +167,7 @@ class TrialConfig(BaseModel):
                 "batch_size": self.batch_size or profile.batch_size,
                 "l1": l1 if self.l1 is None else self.l1,
                 "l2": l2 if self.l2 is None else self.l2,
-                "noise_seed": self.seed if self.noise_seed is None else self.noise_seed,
+                "noise_seed": self.labels_seed,
             }
         )
 

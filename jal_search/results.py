@@ -307,7 +307,7 @@ def trials_table(ref: Ref) -> pa.Table:
                     "best_val_acc": _number(peak.get("val_acc")),
                     "best_test_acc": _number(peak.get("test_acc")),
                     "seed": config.seed,
-                    "noise_seed": config.seed if config.noise_seed is None else config.noise_seed,
+                    "noise_seed": config.labels_seed,
                     "label_hash": last.get("label_hash"),
                     "noise_realised": _number(last.get("noise_realised")),
                     "time_total_s": _number(last.get("time_total_s")),

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from jal_search.config import (
+    DEFAULT_SEED,
     Number,
     NumberOrName,
     PathText,
@@ -174,7 +175,7 @@ class SearchSpec(_Strict):
     searcher: Searcher = Searcher()
     amse_bound: Literal["exclude", "flag"] = "exclude"
     paper_configs_first: StrictBool = True
-    seed: Seed = 123
+    seed: Seed = DEFAULT_SEED
     resources: Resources = Resources()
     max_concurrent_trials: StrictInt | None = Field(None, ge=1)
     max_failures: StrictInt = Field(2, ge=0)

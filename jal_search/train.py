@@ -77,7 +77,6 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     Noise is applied to the whole training (sub)set, then a validation part is held out; its labels
     are the noisy ones unless `val_labels="clean"`. Test labels are always clean.
     """
-    seed = cfg.seed if cfg.noise_seed is None else cfg.noise_seed
     return _prepare(
         cfg.dataset,
         cfg.data_root,
@@ -85,7 +84,7 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
         cfg.noise_type,
         cfg.noise_rate,
         cfg.noise_file,
-        seed,
+        cfg.labels_seed,
         cfg.val_fraction,
     )
 
