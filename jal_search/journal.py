@@ -130,10 +130,8 @@ class Checkpoints:
             try:
                 return load_checkpoint(folder)
             except CheckpointError as err:
-                then = (
-                    "trying the one before it" if i < len(numbered) else "restarting from epoch 0"
-                )
-                warnings.warn(f"{err}; {then}", stacklevel=2)
+                then = "the one before it" if i < len(numbered) else "epoch 0"
+                warnings.warn(f"{err}; restarting the trial from {then}", stacklevel=2)
         return None
 
     def save(self, state: dict[str, Any]) -> None:

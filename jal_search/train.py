@@ -428,4 +428,5 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, wrong format, missing file: all mean "unusable"
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from err

@@ -98,8 +98,8 @@ class SettingSearch:
             self.folder.mkdir(parents=True, exist_ok=True)
             _repair(self.folder / STUDY_FILE)
             storage = JournalStorage(JournalFileBackend(str(self.folder / STUDY_FILE)))
-            new = not storage.get_all_studies()
-            past = 0 if new else len(storage.get_all_trials(storage.get_all_studies()[0]._study_id))
+            summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+            new, past = not summaries, sum(s.n_trials for s in summaries)
             # Seeded by the trials so far too: a reopened study never repeats its first draws.
             tpe = optuna.samplers.TPESampler(seed=hash((self.seed, past)) % 2**32)
             self._study = optuna.create_study(
@@ -121,6 +121,8 @@ class SettingSearch:
 
     def asked(self) -> int:
         """Trials asked so far, twins not counted."""
+        if not self._started():
+            return 0
         self.study  # noqa: B018 - opening the study counts them
         return self._asked
 
@@ -173,9 +175,15 @@ class SettingSearch:
 
     def unfinished(self) -> int:
         """Trials asked and not told, as the study file holds them now."""
+        if not self._started():
+            return 0
         return sum(
             1 for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING
         )
+
+    def _started(self) -> bool:
+        """Whether the setting has a study yet (a setting not started leaves no folder)."""
+        return self._study is not None or (self.folder / STUDY_FILE).is_file()
 
     def _ask(self) -> optuna.Trial:
         if self.space is None:

@@ -36,7 +36,9 @@ def test_a_diverged_trial_stops_at_once_and_never_wins(local_ray, tmp_path, caps
     epochs = pq.read_table(path / "results/epochs.parquet").to_pylist()
     assert len(trials) == 4  # both settings ran both trials: the divergence stopped nothing else
     for t in trials:
-        curve = [e for e in epochs if e["trial_id"] == t["trial_id"]]
+        curve = [
+            e for e in epochs if (e["setting"], e["trial_id"]) == (t["setting"], t["trial_id"])
+        ]
         if t["param_lr"] == HUGE:
             assert t["status"] == "diverged" and t["epochs"] == 1  # stopped at once
             assert curve[-1]["diverged"] and math.isnan(curve[-1]["train_loss"])

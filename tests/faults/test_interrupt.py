@@ -29,7 +29,7 @@ from faultkit import (
 from jal_search import results
 from jal_search.experiment import read_manifest
 
-EPOCHS = 6
+EPOCHS = 30  # ~3 s per trial: the first setting is still training when Ctrl-C comes
 
 
 @pytest.mark.slow
@@ -93,6 +93,7 @@ def test_ctrl_c_stops_cleanly_and_resume_survives_damaged_checkpoints(tmp_path, 
     assert [(t["status"], t["epochs"]) for t in trials] == [("completed", EPOCHS)] * 4
     epochs = pq.read_table(experiment / "results/epochs.parquet").to_pylist()
     for t in trials:
-        curve = [e["epoch"] for e in epochs if e["trial_id"] == t["trial_id"]]
+        key = (t["setting"], t["trial_id"])  # trials are named within their setting
+        curve = [e["epoch"] for e in epochs if (e["setting"], e["trial_id"]) == key]
         assert curve == list(range(1, EPOCHS + 1))
     assert "best config per noise setting" in out + resumed.stdout

@@ -9,7 +9,7 @@ from faultkit import environment, jal, start, trial_epochs, trial_rows, wait_unt
 
 from jal_search.experiment import read_trials
 
-EPOCHS = 12
+EPOCHS = 24  # a pack is still mid-way when the driver is killed
 
 
 @pytest.mark.slow

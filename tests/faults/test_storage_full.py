@@ -30,7 +30,7 @@ from jal_search import tune_callbacks
 from jal_search.experiment import read_manifest
 from jal_search.train import load_checkpoint
 
-EPOCHS, TRIALS = 8, 8  # enough left to run when the disk fills, even on a busy machine
+EPOCHS, TRIALS = 20, 8  # enough left to run when the disk fills, even on a fast machine
 
 
 @pytest.fixture
