@@ -99,7 +99,7 @@ class SettingSearch:
             _repair(self.folder / STUDY_FILE)
             storage = JournalStorage(JournalFileBackend(str(self.folder / STUDY_FILE)))
             summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-            new, past = not summaries, sum(s.n_trials for s in summaries)
+            past = sum(s.n_trials for s in summaries)
             # Seeded by the trials so far too: a reopened study never repeats its first draws.
             tpe = optuna.samplers.TPESampler(seed=hash((self.seed, past)) % 2**32)
             self._study = optuna.create_study(
@@ -109,18 +109,20 @@ class SettingSearch:
                 direction="maximize",
                 load_if_exists=True,
             )
-            if new and self.space is not None:
-                for point in self.first:
-                    self._study.enqueue_trial(point)
+            if self.space is not None:
+                for point in self.first:  # once: a point already in the study is not queued again
+                    self._study.enqueue_trial(point, skip_if_exists=True)
             trials = self._study.get_trials(deepcopy=False)
-            self._unfinished = [t for t in trials if t.state == TrialState.RUNNING]
-            self._asked = sum(
-                1 for t in trials if t.state != TrialState.WAITING and TWIN_ATTR not in t.user_attrs
-            )
+            for t in trials:  # asked, but the driver died before handing it out: nothing trained
+                if t.state == TrialState.RUNNING and CONFIG_ATTR not in t.user_attrs:
+                    self._study.tell(t.number, state=TrialState.FAIL)
+            handed = [t for t in trials if CONFIG_ATTR in t.user_attrs]
+            self._unfinished = [t for t in handed if t.state == TrialState.RUNNING]
+            self._asked = len(handed)
         return self._study
 
     def asked(self) -> int:
-        """Trials asked so far, twins not counted."""
+        """Trials handed out so far (recorded with their config; twins are not)."""
         if not self._started():
             return 0
         self.study  # noqa: B018 - opening the study counts them
@@ -140,9 +142,9 @@ class SettingSearch:
         if self.asked() >= self.count:
             return None
         trial = self._ask()
+        config = dict(trial.params) if self.listed is None else self.listed[self._asked]
+        trial.set_user_attr(CONFIG_ATTR, config)  # handed out from here on
         self._asked += 1
-        config = dict(trial.params) if self.listed is None else self.listed[self._asked - 1]
-        trial.set_user_attr(CONFIG_ATTR, config)
         self._running[trial.number] = trial
         return trial.number, config
 
@@ -201,6 +203,9 @@ class SettingSearch:
             self.study.enqueue_trial(rng.choice(untried))
         return self.study.ask(self.space)
 
+    def _handed(self) -> list[FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False) if CONFIG_ATTR in t.user_attrs]
+
     def _finite_choices(self) -> dict[str, list] | None:
         space = self.space or {}
         if not all(isinstance(d, CategoricalDistribution) for d in space.values()):
@@ -208,13 +213,9 @@ class SettingSearch:
         return {k: list(d.choices) for k, d in space.items()}
 
     def _twin(self, drawn: optuna.Trial) -> FrozenTrial | None:
-        """An earlier trial (running or ended) with the same config as the `drawn` one."""
+        """A trial handed out earlier (running or ended) with the same config as the `drawn` one."""
         return next(
-            (
-                t
-                for t in self.study.get_trials(deepcopy=False)
-                if t.number != drawn.number and t.params and t.params == drawn.params
-            ),
+            (t for t in self._handed() if t.number != drawn.number and t.params == drawn.params),
             None,
         )
 
@@ -229,7 +230,7 @@ class SettingSearch:
             self.study.tell(drawn, state=TrialState.FAIL if failed else TrialState.PRUNED)
 
     def _untried(self, choices: dict[str, list]) -> list[dict[str, Any]]:
-        tried = {tuple(sorted(t.params.items())) for t in self.study.get_trials(deepcopy=False)}
+        tried = {tuple(sorted(t.params.items())) for t in self._handed()}
         configs = (dict(zip(choices, values, strict=True)) for values in product(*choices.values()))
         return [c for c in configs if tuple(sorted(c.items())) not in tried]
 
