@@ -17,9 +17,31 @@ Metrics per epoch (all floats):
 - `noise_realised`: the realised fraction of wrong training labels (constant over epochs);
 - `lr`, `epoch_seconds`, and `diverged` (1.0 when the epoch's loss was NaN/inf: the trial ends).
 
-Determinism: model init, batch order and augmentation depend only on (seed, epoch), so resuming from
-the state of epoch e continues exactly as an uninterrupted run would (up to non-deterministic
-kernels).
+Determinism — what equals what, and how exactly:
+- Bit for bit in any computation (alone or packed, any thread count, compiled or not): the noisy
+  labels (hence `label_hash`, `noise_realised`) and the split, the initial weights (from `seed`),
+  each epoch's batches (order and augmentation from (seed, epoch)), the lr schedule and the epochs
+  run. On any machine too, but for what goes through float arithmetic: generated
+  instance-dependent noise (a float32 matmul and softmax pick each wrong class: a sample on a
+  boundary may go the other way on another CPU), CIFAR-100's rotations (nearest-pixel sampling
+  at float coordinates), and the initial weights on an x86 CPU without AVX2 (torch's scalar
+  kernels round half of them 1 ulp otherwise; its AVX2 and AVX-512 ones agree).
+- Bit for bit given one computation: the same machine (CPU model or GPU, torch build), thread
+  count, layout (alone, or the same pack), precision and compile setting. A rerun, and a run
+  resumed from its state after epoch e, then give the uninterrupted run's metrics and weights
+  exactly (up to non-deterministic kernels, e.g. some CUDA ones).
+- Per step only, to float rounding: the same step computed otherwise — another CPU model or
+  thread count (another reduction order), packed (`packed.py`), compiled, the L1 gradient added
+  after backward instead of an L1 term in the loss. A step's weights agree to a few eps·√n of the
+  update (n: the step's longest sum), except that now and then a value within rounding of a
+  ReLU's zero or a max-pool's tie sends one gradient term elsewhere (about 1 fp32 step in 300 of
+  the digits CNN, packed against alone).
+- Over many noisy steps, in distribution only: those differences grow, the faster the noisier the
+  labels and the larger the lr, so two computations of one config end at different weights and
+  metrics (5 of 360 test images apart after 4 digits epochs packed against alone on an Intel
+  Xeon; 94.9% against 93.0% on MNIST on a GPU after 2 epochs). Compare such runs over seeds or
+  within a band, never value for value. bf16 against fp32 differs per step beyond rounding:
+  only the distribution compares.
 """
 
 from __future__ import annotations
