@@ -30,18 +30,29 @@ class Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("epoch", "1-based epoch", tracked=False, tables=""),  # the step of every other one
-    Metric("train_loss", "mean training loss of the epoch (NaN: diverged)", final=True),
+    Metric("epoch", "epochs completed (1-based)", tracked=False, tables=""),  # every other's step
+    Metric(
+        "train_loss",
+        "mean training loss over the epoch's batches, the L1 term excluded (NaN: diverged)",
+        final=True,
+    ),
     Metric(
         "noisy_fit",
-        "fraction of training samples predicted as their noisy label",
+        "fraction of training samples predicted (during the epoch, on the augmented batch) as "
+        "their noisy label",
         final=True,
         progress=True,
     ),
-    Metric("memorized", "fraction of mislabelled samples fitted to the wrong label", final=True),
+    Metric(
+        "memorized",
+        "among training samples whose noisy label is wrong, the fraction predicted as that wrong "
+        "label: the memorisation robust losses resist (NaN without noise)",
+        final=True,
+    ),
     Metric(
         "val_acc",
-        "accuracy on the held-out split (the selection metric)",
+        "accuracy on the held-out split against its labels (noisy unless val_labels: clean); "
+        "the selection metric (NaN when val_fraction is 0)",
         final=True,
         progress=True,
     ),
@@ -53,7 +64,10 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("lr", "learning rate used in the epoch"),
     Metric(
-        "noise_realised", "realised fraction of wrong training labels", tracked=False, tables="et"
+        "noise_realised",
+        "realised fraction of wrong training labels (constant over epochs)",
+        tracked=False,
+        tables="et",
     ),
     Metric("epoch_seconds", "wall time of the epoch's training and evaluation"),
     # 1.0 / 0.0 flags: the tables turn `diverged` into a boolean column of their own.

@@ -1,9 +1,24 @@
 """Packed trials: K configurations of one architecture trained side by side in one process.
 
-`run_packed(configs)` gives the same results, to float tolerance, as `run_trial(c)` for each `c`:
-each member is built from its own seed as `run_trial` builds it, trains on its own noisy labels
-with its own loss (name and parameters), lr, L1/L2 and batch order (member k's batches are those
-of `loaders.train_loader` with member k's seed), and reports its own metrics per epoch.
+`run_packed(configs)` trains each `c` as `run_trial(c)` does: each member is built from its own
+seed as `run_trial` builds it, trains on its own noisy labels with its own loss (name and
+parameters), lr, L1/L2 and batch order (member k's batches are those of `loaders.train_loader`
+with member k's seed), and reports its own metrics per epoch. How exactly (see `train.py`'s
+docstring for the general rule):
+- Bit for bit: a member's initial weights, batches (images, noisy and clean labels, order,
+  augmentation), label hash, `noise_realised`, lr per epoch and epochs run are those of its lone
+  run on the same machine (and on others, with `train.py`'s exceptions).
+- Per step only, to float rounding: the wide layout's grouped convolutions and batched matmuls
+  sum in another order than a lone model's kernels (which order depends on the CPU model, the
+  kernels oneDNN picks for it and the thread count), so a step's weights agree with the lone
+  step's to a few eps·√n of the update, but for a rare near-tie at a ReLU or max-pool that sends
+  a gradient term elsewhere (about 1 fp32 step in 300 of the digits CNN).
+- Over many noisy steps, in distribution only: a member and its lone run drift apart as two
+  thread counts do (5 of 360 test images after 4 digits epochs on an Intel Xeon; 94.9% against
+  93.0% on MNIST on a GPU after 2 epochs). Compare packed and lone results over seeds.
+- Bit for bit within one layout (same machine, threads, K and architecture): a member's results do
+  not depend on its pack-mates' values (a diverged member's NaNs included), and a pack resumed
+  from its checkpoint ends as the uninterrupted pack.
 
 How the members share one computation
 - `torch.func.stack_module_state` stacks the K models' parameters and buffers into (K, …) tensors.

@@ -4,22 +4,34 @@ This is the loop a researcher reads to trust the results. It knows nothing of Ra
 caller passes a `report(metrics, state)` hook that is called once per epoch with the epoch's
 metrics and a checkpoint state (plain tensors and numbers, loadable with `weights_only=True`).
 
-Metrics per epoch (all floats):
-- `epoch`: epochs completed (1-based);
-- `train_loss`: mean training loss over the epoch's batches (the L1 term excluded);
-- `noisy_fit`: fraction of training samples whose prediction (taken during the epoch, on the
-  augmented batch) equals their noisy label;
-- `memorized`: among training samples whose noisy label is wrong, the fraction predicted as that
-  wrong label — the memorisation of noise that robust losses resist (NaN without noise);
-- `val_acc`: accuracy on the held-out split against its labels (noisy unless `val_labels=clean`);
-  the only metric a search may select on (NaN when `val_fraction=0`);
-- `test_acc`: clean test accuracy, reported, never used for selection;
-- `noise_realised`: the realised fraction of wrong training labels (constant over epochs);
-- `lr`, `epoch_seconds`, and `diverged` (1.0 when the epoch's loss was NaN/inf: the trial ends).
+Metrics per epoch: `metrics.METRICS` (names, meanings, and where each is used), built by
+`metrics.epoch_metrics` here and in `packed.py` alike.
 
-Determinism: model init, batch order and augmentation depend only on (seed, epoch), so resuming from
-the state of epoch e continues exactly as an uninterrupted run would (up to non-deterministic
-kernels).
+Determinism — what equals what, and how exactly:
+- Bit for bit in any computation (alone or packed, any thread count, compiled or not): the noisy
+  labels (hence `label_hash`, `noise_realised`) and the split, the initial weights (from `seed`),
+  each epoch's batches (order and augmentation from (seed, epoch)), the lr schedule and the epochs
+  run. On any machine too, but for what goes through float arithmetic: generated
+  instance-dependent noise (a float32 matmul and softmax pick each wrong class: a sample on a
+  boundary may go the other way on another CPU), CIFAR-100's rotations (nearest-pixel sampling
+  at float coordinates), and the initial weights on an x86 CPU without AVX2 (torch's scalar
+  kernels round half of them 1 ulp otherwise; its AVX2 and AVX-512 ones agree).
+- Bit for bit given one computation: the same machine (CPU model or GPU, torch build), thread
+  count, layout (alone, or the same pack), precision and compile setting. A rerun, and a run
+  resumed from its state after epoch e, then give the uninterrupted run's metrics and weights
+  exactly (up to non-deterministic kernels, e.g. some CUDA ones).
+- Per step only, to float rounding: the same step computed otherwise — another CPU model or
+  thread count (another reduction order), packed (`packed.py`), compiled, the L1 gradient added
+  after backward instead of an L1 term in the loss. A step's weights agree to a few eps·√n of the
+  update (n: the step's longest sum), except that now and then a value within rounding of a
+  ReLU's zero or a max-pool's tie sends one gradient term elsewhere (about 1 fp32 step in 300 of
+  the digits CNN, packed against alone).
+- Over many noisy steps, in distribution only: those differences grow, the faster the noisier the
+  labels and the larger the lr, so two computations of one config end at different weights and
+  metrics (5 of 360 test images apart after 4 digits epochs packed against alone on an Intel
+  Xeon; 94.9% against 93.0% on MNIST on a GPU after 2 epochs). Compare such runs over seeds or
+  within a band, never value for value. bf16 against fp32 differs per step beyond rounding:
+  only the distribution compares.
 """
 
 from __future__ import annotations
