@@ -123,14 +123,17 @@ def _run(args: argparse.Namespace) -> int:
     search.run(
         args.spec,
         name=args.name,
-        address=args.address,
-        num_cpus=args.num_cpus,
         storage_path=args.storage_path,
-        tracking_uri=args.tracking_uri,
         data_root=args.data_root,
         download=args.download,
+        **_session(args),
     )
     return 0
+
+
+def _session(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a search runs and is tracked: what run, resume and extend take alike."""
+    return {"address": args.address, "num_cpus": args.num_cpus, "tracking_uri": args.tracking_uri}
 
 
 def _add_resume(verbs: Any) -> None:
@@ -144,12 +147,7 @@ def _add_resume(verbs: Any) -> None:
 def _resume(args: argparse.Namespace) -> int:
     from jal_search import search
 
-    search.resume(
-        args.experiment,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        tracking_uri=args.tracking_uri,
-    )
+    search.resume(args.experiment, **_session(args))
     return 0
 
 
@@ -173,14 +171,7 @@ def _add_extend(verbs: Any) -> None:
 def _extend(args: argparse.Namespace) -> int:
     from jal_search import search
 
-    search.extend(
-        args.experiment,
-        args.trials,
-        settings=args.setting,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        tracking_uri=args.tracking_uri,
-    )
+    search.extend(args.experiment, args.trials, settings=args.setting, **_session(args))
     return 0
 
 

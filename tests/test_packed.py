@@ -7,11 +7,11 @@ metrics within bands that chaotic divergence stays inside and a real mix-up does
 """
 
 import copy
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from rounding import EPS32, EXACT, assert_same_course, assert_within_rounding
 from torch import nn
 
 import jal_search.packed
@@ -31,19 +31,6 @@ FEW = dict(BASE, train_subset=256, val_fraction=0.5, batch_size=64, device="cpu"
 STEPS_PER_EPOCH = 2
 # The longest sum of a step: the first conv's weight gradient, over 64 images × 8×8 positions.
 LONGEST_SUM = 64 * 8 * 8
-EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
-
-# Over many noisy steps a pack and a lone run (or two thread counts, or two CPU models) share only
-# the distribution of their results. Measured on digits, lr ≤ 0.02, ≤ 3 epochs, 30 seeds per
-# config, runs whose every weight was moved 10 ulps after every step (far more than a kernel's
-# rounding) against plain ones: test_acc moved ≤ 0.0056 (2 of 360 images), val_acc ≤ 0.0069 (1 of
-# 144), noisy_fit and memorized ≤ 0.005, the epoch's mean train_loss ≤ 4e-5 relative. A real mix-up
-# lands outside: half the lr moved test_acc by ≥ 0.089 in each of 30 runs (3 losses × 10 seeds),
-# another loss moved train_loss by ≥ 58%.
-ACC_BAND = 0.05
-LOSS_BAND = 1e-3
-# Not rounding: must be equal in any layout, on any machine.
-EXACT = ("epoch", "lr", "noise_realised", "diverged", "bf16")
 
 
 @pytest.fixture
@@ -113,41 +100,6 @@ def _assert_same_start(pack_init, pack_batches, alone_init, alone_batches):
         assert torch.equal(pl, al) and torch.equal(pi, ai)
 
 
-def _assert_within_rounding(after, reference, before, steps):
-    """`after` equals `reference`, float64 weights `steps` SGD steps on from `before`, to rounding.
-
-    Per tensor, with Δ = θ − θ₀ and C = 4 for the error's growth through the layers:
-    - float64 rounding: each run sums up to n = LONGEST_SUM products in its own order, off by
-      ≲ eps64·√n of the update (rounding errors add up as a random walk), and stores weights and
-      momentum rounded, ≤ ½ ulp ≤ ½·eps64·|θ| per step: eps64·(steps·max|θ| + √n·max|Δ|);
-    - float32 on purpose: the pack holds lr, L1 and weight decay as float32 tensors (½ ulp off the
-      Python floats run_trial's SGD uses) and both compute the loss in float32: eps32·max|Δ|.
-    Measured: ≤ 0.46·eps32·max|Δ| over 60 runs, at 1 and 2 threads, and with oneDNN and ATen held
-    to AVX2 or SSE4.1 kernels. Integer buffers (BatchNorm's step counts) must be equal.
-    """
-    assert after.keys() == reference.keys()
-    for name, ref in reference.items():
-        got, start = after[name], before[name]
-        if not ref.is_floating_point():
-            assert torch.equal(got, ref), name
-            continue
-        assert ref.dtype == got.dtype == torch.float64, name
-        delta, size = (ref - start).abs().max().item(), ref.abs().max().item()
-        tol = 4 * (EPS32 * delta + EPS64 * (steps * size + math.sqrt(LONGEST_SUM) * delta))
-        torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def _assert_same_course(alone, packed):
-    """The long-run claim: equal where rounding cannot reach, within the bands elsewhere."""
-    assert [set(m) for m in packed] == [set(m) for m in alone]
-    for a, p in zip(alone, packed, strict=True):
-        for key in EXACT:
-            assert p[key] == a[key], (a["epoch"], key)
-        assert p["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_BAND), a["epoch"]
-        for key in ("noisy_fit", "memorized", "val_acc", "test_acc"):
-            assert p[key] == pytest.approx(a[key], abs=ACC_BAND, nan_ok=True), (a["epoch"], key)
-
-
 def _members():
     return [
         dict(seed=1, loss="jal_ce"),  # the paper's parameters, L1 on
@@ -173,7 +125,7 @@ def test_a_few_packed_steps_are_each_members_own_steps_to_float_rounding(seen):
         assert packed[i].status == alone.status == "completed"
         assert packed[i].data.label_hash == alone.data.label_hash
         for epoch, (p, a) in enumerate(zip(packed_states[i], alone_states, strict=True), 1):
-            _assert_within_rounding(p, a, alone_init, steps=epoch * STEPS_PER_EPOCH)
+            assert_within_rounding(p, a, alone_init, epoch * STEPS_PER_EPOCH, LONGEST_SUM)
         for a, p in zip(alone.history, packed[i].history, strict=True):
             # Predictions: logits 1e-11 apart flip no argmax (but one sample in 1e9 or so).
             for key in (*EXACT, "noisy_fit", "memorized", "val_acc", "test_acc"):
@@ -196,7 +148,7 @@ def test_packed_members_train_as_they_would_alone(seen):
         _assert_same_start(pack_inits[i], pack_batches[i], alone_init, alone_batches)
         assert packed[i].status == alone.status == "completed"
         assert packed[i].data.label_hash == alone.data.label_hash  # the member's own noisy labels
-        _assert_same_course(alone.history, packed[i].history)
+        assert_same_course(alone.history, packed[i].history)
     # The members really differ: equality above is not one run compared with itself.
     losses = {round(r.history[-1]["train_loss"], 3) for r in packed}
     assert len(losses) == 3
@@ -223,7 +175,7 @@ def test_a_diverging_member_stops_alone_and_leaves_the_others_untouched(seen):
     alone = run_trial(healthy)
     (alone_init,), (alone_batches,) = seen.take()
     _assert_same_start(pack_inits[1], pack_batches[1], alone_init, alone_batches)
-    _assert_same_course(alone.history, packed[1].history)
+    assert_same_course(alone.history, packed[1].history)
 
 
 @pytest.mark.parametrize("name", model_names())

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rounding import EPS32, EXACT, assert_same_course, assert_within_rounding
 
 import jal_search.train
 from jal_search.config import TrialConfig
@@ -44,14 +45,6 @@ STEPS_PER_EPOCH = 2
 # A step's longest sum: cnn_small's first conv weight gradient (64 images × 8×8 positions); the
 # mlp's 128-wide hidden layer.
 LONGEST_SUM = {"cnn_small": 64 * 8 * 8, "mlp": 128}
-EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
-# Over many noisy steps two formulations share only the distribution of their results. The bands
-# of tests/test_packed.py, measured there in this regime (digits, lr ≤ 0.02, ≤ 3 epochs; 10-ulp
-# nudges of every weight after every step moved test_acc ≤ 0.0056, val_acc ≤ 0.0069, train_loss
-# ≤ 4e-5 relative; half the lr moved test_acc ≥ 0.089, another loss train_loss ≥ 58%).
-ACC_BAND = 0.05
-LOSS_BAND = 1e-3
-EXACT = ("epoch", "lr", "noise_realised", "diverged", "bf16")  # not rounding: equal everywhere
 
 
 @pytest.fixture
@@ -90,49 +83,17 @@ def _run_with_states(config):
     return result, states
 
 
-def _assert_within_rounding(after, reference, before, steps, n):
-    """`after` equals `reference`, float64 weights `steps` SGD steps on from `before`, to rounding.
-
-    Per tensor, with Δ = θ − θ₀, n a step's longest sum and C = 4 for the error's growth through
-    the layers: float64 sums in another order are off by ≲ eps64·√n of the update (rounding errors
-    add up as a random walk) and stored weights by ≤ ½·eps64·|θ| per step; the float32 loss adds
-    ≤ eps32 of the update. So |δ| ≤ C·(eps32·max|Δ| + eps64·(steps·max|θ| + √n·max|Δ|)).
-    Integer buffers (BatchNorm's step counts) must be equal.
-    """
-    assert after.keys() == reference.keys()
-    for name, ref in reference.items():
-        got, start = after[name], before[name]
-        if not ref.is_floating_point():
-            assert torch.equal(got, ref), name
-            continue
-        assert ref.dtype == got.dtype == torch.float64, name
-        delta, size = (ref - start).abs().max().item(), ref.abs().max().item()
-        tol = 4 * (EPS32 * delta + EPS64 * (steps * size + math.sqrt(n) * delta))
-        torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=lambda m, k=name: f"{k}: {m}")
-
-
 def _assert_few_steps_agree(a, a_states, b, b_states, init, n):
     """Two float64 runs of FEW: weights to rounding after each epoch, metrics as rounding allows."""
     assert a.status == b.status == "completed"
     for epoch, (sa, sb) in enumerate(zip(a_states, b_states, strict=True), 1):
-        _assert_within_rounding(sb, sa, init, epoch * STEPS_PER_EPOCH, n)
+        assert_within_rounding(sb, sa, init, epoch * STEPS_PER_EPOCH, n)
     for ma, mb in zip(a.history, b.history, strict=True):
         # Logits ~1e-13 apart flip no argmax (but about one sample in 1e9).
         for key in (*EXACT, "noisy_fit", "memorized", "val_acc", "test_acc"):
             assert mb[key] == pytest.approx(ma[key], rel=0, abs=0, nan_ok=True), key
         # The loss is float32: a few eps32 of it (its longest sum: the batch mean over 64).
         assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=4 * EPS32 * 8)
-
-
-def _assert_same_course(a, b):
-    """Two long noisy runs: equal where rounding cannot reach, within the bands elsewhere."""
-    assert [set(m) for m in a] == [set(m) for m in b]
-    for ma, mb in zip(a, b, strict=True):
-        for key in EXACT:
-            assert mb[key] == ma[key], (ma["epoch"], key)
-        assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=LOSS_BAND), ma["epoch"]
-        for key in ("noisy_fit", "memorized", "val_acc", "test_acc"):
-            assert mb[key] == pytest.approx(ma[key], abs=ACC_BAND, nan_ok=True), (ma["epoch"], key)
 
 
 def test_learns_digits_with_the_jal_loss():
@@ -294,7 +255,7 @@ def test_run_trial_history_matches_the_old_l1_formulation(monkeypatch, float64):
     _assert_few_steps_agree(*new_few, *old_few, init, LONGEST_SUM["cnn_small"])
     # Three noisy epochs: the same course, as far as rounding lets it be.
     assert new.status == old.status == "completed" and len(new.history) == 3
-    _assert_same_course(new.history, old.history)
+    assert_same_course(new.history, old.history)
 
 
 def test_the_scheduler_follows_the_profile():
@@ -368,7 +329,7 @@ def test_a_compiled_trial_gives_the_eager_trials_results(float64):
     compiled = run_trial(
         longer.model_copy(update={"compile": True}), report=lambda m, s: states.append(s)
     ).history
-    _assert_same_course(eager, compiled)
+    assert_same_course(eager, compiled)
     # Checkpoints hold the model's own keys, loadable into an uncompiled model.
     assert not any(k.startswith("_orig_mod") for k in states[-1]["model"])
 
