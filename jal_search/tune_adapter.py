@@ -52,9 +52,12 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 TRIAL_ENV = {**NO_CHDIR, **MALLOC_ENV}
 DRIVER_ENV = {
     **NO_CHDIR,
-    # The record is the trials' journals: Tune's per-trial result/params/progress files would
-    # only cost the driver a write per result.
+    # The record is the trials' journals and the settings' studies; nothing reads Tune's files
+    # back (a resume builds a new experiment). So no per-trial result/params/progress files (a
+    # write per result), and Tune's experiment state, which holds every trial ever started and
+    # would be rewritten every 10 s or more, only once the search ends.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "TUNE_GLOBAL_CHECKPOINT_S": str(24 * 3600),
     # The classic reporter takes the columns we choose (the new one prints every metric).
     "RAY_AIR_NEW_OUTPUT": "0",
 }
