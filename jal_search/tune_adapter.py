@@ -159,13 +159,13 @@ def run_search(
     """Run, or carry on with, every noise setting of a search as one Tune experiment.
 
     Each setting keeps its own searcher (its Optuna study on disk, `tune_search`), running
-    `counts[name]` trials in all, and its own scheduler;
-    trials are suggested setting after setting, so a setting's last trials share the cluster with
-    the next setting's first ones instead of leaving slots idle, and one set of actors serves them
-    all. Every call builds a new Tune experiment in `<experiment>/tune`: what happened before is
-    in the studies and the trials' journals, which a new run, a resume and `extend` carry on from
-    (unfinished trials first, from their checkpoints). `on_setting_start(name)` is called as each
-    of a setting's trials starts.
+    `counts[name]` trials in all, and its own scheduler; trials are suggested setting after
+    setting, so a setting's last trials share the cluster with the next setting's first ones
+    instead of leaving slots idle, and one set of actors serves them all. Every call builds a new
+    Tune experiment in `<experiment>/tune`: what happened before is in the studies and the
+    trials' journals, which a new run, a resume and `extend` carry on from (unfinished trials
+    first, from their checkpoints). `on_setting_start(name)` is called as each of a setting's
+    trials starts.
 
     Returns, per setting, one entry per trial that finally failed in this run: its name and why.
     Raises KeyboardInterrupt when trials are left unfinished (Tune stopped early on Ctrl-C: it
