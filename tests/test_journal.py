@@ -1,11 +1,14 @@
 """A trial's own record: its journal and checkpoints, on real files (`journal.py`)."""
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from jal_search.experiment import read_trials
-from jal_search.journal import JOURNAL, Checkpoints, Journal, read_journal
+from jal_search.journal import JOURNAL, Checkpoints, Journal, read_journal, sole_writer
 
 HEADER = {"trial": "t00001", "setting": "symmetric-0.4", "params": {"alpha": 2.0}, "config": {}}
 
@@ -79,3 +82,23 @@ def test_a_folder_without_a_journal_is_not_a_trial(tmp_path):
     Checkpoints(tmp_path / "s" / "t00000").save({"epoch": 1})
     Journal(tmp_path / "s" / "t00000-m0").open(HEADER, 0)
     assert [r.trial_id for r in read_trials(tmp_path, "s", {})] == ["t00000-m0"]
+
+
+def test_a_trial_folder_has_one_writer_at_a_time(tmp_path):
+    # Another process holds the folder, as a worker orphaned by a killed driver would while it
+    # finishes its epoch: a new start of the trial waits for it to exit, or fails after wait_s.
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom jal_search.journal import sole_writer\n"
+        "with sole_writer(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(2)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(TimeoutError, match="another process still writes this trial"):
+        with sole_writer(tmp_path, wait_s=0.2):
+            pass
+    with sole_writer(tmp_path, wait_s=30):
+        assert holder.poll() is not None  # only once the holder is gone
+    holder.wait()
+    holder.stdout.close()
