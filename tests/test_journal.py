@@ -86,10 +86,11 @@ def test_a_folder_without_a_journal_is_not_a_trial(tmp_path):
 
 def test_a_trial_folder_has_one_writer_at_a_time(tmp_path):
     # Another process holds the folder, as a worker orphaned by a killed driver would while it
-    # finishes its epoch: a new start of the trial waits for it to exit, or fails after wait_s.
+    # finishes its epoch: a new start of the trial waits for it to let go, or fails after wait_s.
     code = (
         "import sys, time\nfrom pathlib import Path\nfrom jal_search.journal import sole_writer\n"
         "with sole_writer(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(2)\n"
+        "    Path(sys.argv[1], 'letting-go').touch()  # the last thing it does holding the lock\n"
     )
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
@@ -99,6 +100,6 @@ def test_a_trial_folder_has_one_writer_at_a_time(tmp_path):
         with sole_writer(tmp_path, wait_s=0.2):
             pass
     with sole_writer(tmp_path, wait_s=30):
-        assert holder.poll() is not None  # only once the holder is gone
+        assert (tmp_path / "letting-go").exists()  # only once the holder let go
     holder.wait()
     holder.stdout.close()
