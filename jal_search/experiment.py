@@ -121,19 +121,24 @@ def locked(path: Path) -> Iterator[None]:
 
 def provenance() -> dict[str, Any]:
     """Versions and git SHA that every result carries."""
-    versions = {}
-    for package in ("jal-search", "torch", "ray", "optuna", "mlflow", "pyarrow", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "host": platform.node(),
         "git_sha": git_sha(),
-        "versions": versions,
+        "versions": versions(),
     }
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the packages a result depends on."""
+    found = {}
+    for package in ("jal-search", "torch", "ray", "optuna", "mlflow", "pyarrow", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "absent"
+    return found
 
 
 def git_sha() -> str:

@@ -31,7 +31,7 @@ from ray.tune.experiment import Trial
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import MEMBERS, SETTING, TRIAL, member_id, provenance, unpack
+from jal_search.experiment import MEMBERS, SETTING, TRIAL, member_id, unpack, versions
 from jal_search.journal import Checkpoints, Journal, sole_writer
 from jal_search.metrics import METRICS
 from jal_search.spec import SearchSpec, SettingPlan
@@ -279,7 +279,7 @@ def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan], experiment
 
 def _train(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
     sampled = {k: v for k, v in params.items() if k not in (SETTING, TRIAL)}
-    config = plan.trial(sampled)
+    config = plan.trial(sampled).resolve()
     checkpoints = Checkpoints(folder)
     resume = checkpoints.latest()
     journal = Journal(folder)
@@ -292,7 +292,7 @@ def _train(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
         checkpoints.save(state)
         tune.report(row)
 
-    if resume is not None and _finished(resume["history"], config.resolve().epochs):
+    if resume is not None and _finished(resume["history"], config.epochs):
         tune.report(resume["history"][-1])  # ended before the driver heard: say how, once more
         return
     run_trial(config, report=report, resume=resume)
@@ -315,7 +315,7 @@ def _packed_trainable(
 def _train_pack(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
     from jal_search.packed import run_packed
 
-    configs = [plan.trial(p) for p in params[MEMBERS]]
+    configs = [plan.trial(p).resolve() for p in params[MEMBERS]]
     checkpoints = Checkpoints(folder)
     resume = checkpoints.latest()
     journals = [Journal(folder.parent / member_id(params[TRIAL], k)) for k in range(len(configs))]
@@ -340,9 +340,7 @@ def _train_pack(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None
             }
         )
 
-    if resume is not None and (
-        not resume["active"] or resume["epoch"] >= configs[0].resolve().epochs
-    ):
+    if resume is not None and (not resume["active"] or resume["epoch"] >= configs[0].epochs):
         scores = [h[-1]["val_acc"] for h in resume["histories"] if h]
         finite = [v for v in scores if math.isfinite(v)]
         # Ended before the driver heard: say so, once more.
@@ -352,13 +350,13 @@ def _train_pack(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None
 
 
 def _header(params: dict[str, Any], sampled: dict[str, Any], config: TrialConfig) -> dict:
-    """A journal's first line: what the trial is and exactly what trains."""
+    """A journal's first line: what the trial is and exactly what trains (`config`, resolved)."""
     return {
         "trial": params[TRIAL],
         "setting": params[SETTING],
         "params": sampled,
-        "config": config.resolve().model_dump(mode="json"),
-        "versions": provenance()["versions"],
+        "config": config.model_dump(mode="json"),
+        "versions": versions(),  # no git subprocess per trial: the manifest has the SHA
         "started": time.time(),
     }
 

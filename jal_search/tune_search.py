@@ -56,11 +56,12 @@ def trial_name(number: int) -> str:
 class SettingSearch:
     """One noise setting's trials, recorded in its Optuna study.
 
-    `space` set: TPE (seeded) draws configs; the plan's `points_to_evaluate` are enqueued first,
-    once, when the study is new. On a finite space a repeated draw is told its twin's outcome (so
-    TPE learns nothing false) and TPE draws again; after REDRAWS repeats a seeded random untried
-    config runs (benchmarks/asha_efficiency.py: 0.255 of the grid's epochs with repeats, 0.132
-    without). `listed` set instead: those configs, in order (a grid, random samples, packs).
+    `space` set: TPE (seeded) draws configs; the plan's `points_to_evaluate` are enqueued first
+    (once: a point already in the study is not queued again). On a finite space a repeated draw
+    is told its twin's outcome (so TPE learns nothing false) and TPE draws again; after REDRAWS
+    repeats a seeded random untried config runs (benchmarks/asha_efficiency.py: 0.255 of the
+    grid's epochs with repeats, 0.132 without). `listed` set instead: those configs, in order (a
+    grid, random samples, packs).
 
     `count` trials in all (twins not counted). The study lives in `folder/STUDY_FILE`; opened
     again (resume, extend) it hands out its unfinished trials first.
@@ -127,9 +128,6 @@ class SettingSearch:
             return 0
         self.study  # noqa: B018 - opening the study counts them
         return self._asked
-
-    def has_next(self) -> bool:
-        return self.asked() < self.count or bool(self._unfinished)
 
     def next(self) -> tuple[int, dict[str, Any]] | None:
         """(number, config) of the trial to run next: an unfinished one, else a new one; None
@@ -263,15 +261,12 @@ class BySetting(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         for name, search in self.searches.items():
-            if not search.has_next():
-                continue
             chosen = search.next()
             if chosen is None:
                 continue
             number, config = chosen
             self._trials[trial_id] = (name, number)
-            sampled = {MEMBERS: config[MEMBERS]} if MEMBERS in config else config
-            return {**sampled, SETTING: name, TRIAL: trial_name(number)}
+            return {**config, SETTING: name, TRIAL: trial_name(number)}
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
