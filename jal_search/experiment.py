@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -183,39 +184,33 @@ class TrialRecord:
 # is also its folder under the setting's.
 SETTING = "setting"
 TRIAL = "trial"
-# A packed Tune trial (spec `pack: K`) trains several configs: its config holds their sampled
-# parameters under MEMBERS, and each result row their metrics under MEMBERS, keyed "0", "1", ….
-# Everywhere downstream (results, MLflow) each member is a trial of its own, `<trial>-m<k>`.
-MEMBERS = "members"
 
 
-def member_id(trial: str, k: int) -> str:
-    return f"{trial}-m{k}"
+def sampled(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's sampled parameters: its config without SETTING and TRIAL."""
+    return {k: v for k, v in config.items() if k not in (SETTING, TRIAL)}
 
 
-def unpack(
-    config: dict[str, Any], row: dict[str, Any] | None = None
-) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
-    """(trial id, parameters, result row) of each config a Tune trial trains.
+def trial_header(params: dict[str, Any], config: Any) -> dict[str, Any]:
+    """A trial journal's first line: which trial it is and exactly what trains (`config`, the
+    resolved TrialConfig)."""
+    return {
+        "trial": params[TRIAL],
+        "setting": params[SETTING],
+        "params": sampled(params),
+        "config": config.model_dump(mode="json"),
+        "versions": versions(),  # no git subprocess per trial: the manifest has the SHA
+        "started": time.time(),
+    }
 
-    A plain trial is itself; a pack gives one entry per member, whose row is the pack's row with
-    the member's metrics in place of the pack's (None when the member did not train that epoch).
-    """
-    trial = config[TRIAL]
-    members = config.get(MEMBERS)
-    if members is None:
-        return [(trial, {k: v for k, v in config.items() if k not in (SETTING, TRIAL)}, row)]
-    shared = None if row is None else {k: v for k, v in row.items() if k != MEMBERS}
-    out = []
-    for k, params in enumerate(members):
-        mine = None if row is None else (row.get(MEMBERS) or {}).get(str(k))
-        merged = None if shared is None or mine is None else {**shared, **mine}
-        out.append((member_id(trial, k), params, merged))
-    return out
+
+def ended(row: dict[str, Any] | None, epochs: int) -> bool:
+    """Whether a trial whose last row is `row` has ended: its whole budget run, or diverged."""
+    return bool(row) and (row["epoch"] >= epochs or row.get("diverged", 0.0) >= 1.0)
 
 
 def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[TrialRecord]:
-    """Every trial of one setting (a pack's members one by one), sorted by trial id, as their
+    """Every trial of one setting, sorted by trial id, as their
     journals hold them; `failures` maps trial ids to the reason they finally failed (from the
     manifest). Rows also carry `training_iteration` (their epoch) and `time_total_s` (the
     trial's training time up to that epoch), for the tables."""
@@ -228,7 +223,7 @@ def read_trials(path: Path, setting: str, failures: dict[str, str]) -> list[Tria
     for trial_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         header, rows = read_journal(trial_dir)
         if header is None:
-            continue  # a pack's own folder (checkpoints only), or not a trial
+            continue  # not a trial
         history, total = [], 0.0
         for r in rows:
             total += r.get("epoch_seconds", 0.0)

@@ -1,6 +1,8 @@
 """Packed trials: K configurations of one architecture trained side by side in one process.
 
-`run_packed(configs)` trains each `c` as `run_trial(c)` does: each member is built from its own
+`PackTrainer` holds the members; they join and leave between epochs, each at its own epoch (a
+pack worker refills a slot ASHA freed with a new trial). `run_packed(configs)` trains a fixed set
+to the end. Each member `c` trains as `run_trial(c)` does: each member is built from its own
 seed as `run_trial` builds it, trains on its own noisy labels with its own loss (name and
 parameters), lr, L1/L2 and batch order (member k's batches are those of `loaders.train_loader`
 with member k's seed), and reports its own metrics per epoch. How exactly (see `train.py`'s
@@ -18,10 +20,12 @@ docstring for the general rule):
   93.0% on MNIST on a GPU after 2 epochs). Compare packed and lone results over seeds.
 - Bit for bit within one layout (same machine, threads, K and architecture): a member's results do
   not depend on its pack-mates' values (a diverged member's NaNs included), and a pack resumed
-  from its checkpoint ends as the uninterrupted pack.
+  from its members' checkpoints ends as the uninterrupted pack. A member whose pack changes size
+  on the way (mates leaving, joining) runs each epoch in that epoch's layout: to rounding.
 
 How the members share one computation
-- `torch.func.stack_module_state` stacks the K models' parameters and buffers into (K, …) tensors.
+- The K members' parameters and buffers are stacked into (K, …) tensors (re-stacked when members
+  join or leave: their own tensors are kept while they are out of the pack).
 - A "wide" copy of the architecture runs all members at once through `torch.func.functional_call`
   with views of those stacked tensors: Conv2d(C→O, groups g) becomes Conv2d(K·C→K·O, groups K·g),
   BatchNorm(C) becomes BatchNorm(K·C) (statistics are per channel, hence per member, and the
@@ -45,13 +49,15 @@ Conventions and edge cases
 - Members must agree on `SHARED_FIELDS` (one architecture, one dataset and split, one schedule
   length and batch size, one device); anything else may differ. Otherwise: UserError.
 - Only in-memory datasets (`data.ImageSet`) can be packed: members share one copy of the images.
-- `report(metrics, state)` is called after every epoch: `metrics` maps each member that trained
-  that epoch to `run_trial`'s metric keys (`epoch_seconds` is the whole pack's epoch); `state` is
-  the pack's checkpoint (stacked weights, momentum, histories; its tensors alias the live ones:
-  save or copy them before returning). `run_packed(configs, resume=state)` continues from it, and
-  `member_model(state, i)` is member i's model state dict.
-- A member whose epoch loss is NaN/inf ends with status "diverged" and reports no more; its
-  computation continues inside the pack (members never exchange values), unobserved.
+- A member's checkpoint (`PackTrainer.state`: its weights, SGD momentum, epoch, history, status;
+  tensors alias the live ones: save or copy them before the next epoch) is its own, whatever pack
+  it trained in: `PackTrainer.add(config, resume=state)` continues it in any pack.
+- `run_packed`'s `report(metrics, state)` is called after every epoch: `metrics` maps each member
+  that trained that epoch to `run_trial`'s metric keys (`epoch_seconds` is the whole pack's
+  epoch); `state` holds every member's checkpoint. `run_packed(configs, resume=state)` continues.
+- A member whose epoch loss is NaN/inf ends with status "diverged" and reports no more; in
+  `run_packed` its computation continues inside the pack (members never exchange values),
+  unobserved, so its mates' layout stays the same.
 """
 
 from __future__ import annotations
@@ -60,13 +66,13 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state
+from torch.func import functional_call
 
 from jal_search.config import TrialConfig
 from jal_search.data import IN_MEMORY_DATASETS, ImageSet
@@ -111,91 +117,272 @@ def run_packed(
     report: PackedReport | None = None,
     resume: dict[str, Any] | None = None,
 ) -> list[TrialResult]:
-    """Train `configs` as one pack; return one TrialResult per config, in order.
+    """Train `configs` as one pack to the end; return one TrialResult per config, in order.
 
-    `resume` is a state given to `report`: training continues after its epoch.
+    `report(metrics, state)` after every epoch: `metrics` maps each member that trained and is
+    not diverged to its metrics; `state` is `{"members": [member checkpoint, …]}` (`state`'s).
+    `resume` is such a state: every member continues after its own epoch.
     """
     cfgs = check_packable(configs)
-    first = cfgs[0]
-    if first.threads:
-        torch.set_num_threads(first.threads)
-    device = pick_device(first.device)
-    data = [prepare_data(c) for c in cfgs]
-    ds = data[0].dataset
-    if not isinstance(ds, ImageSet):
-        raise UserError(
-            f"dataset: {ds.name} is read from files; packed trials need an in-memory dataset "
-            f"({', '.join(IN_MEMORY_DATASETS)}): run these configs one by one"
+    trainer = PackTrainer(cfgs[0])
+    keys = [
+        trainer.add(c, None if resume is None else resume["members"][i]) for i, c in enumerate(cfgs)
+    ]
+    if resume is not None and len(resume["members"]) != len(cfgs):
+        raise UserError("resume: the checkpoint is of another pack (another number of members)")
+    while any(trainer.members[k].status == "training" for k in keys):
+        # Diverged members keep computing, unobserved: the others' layout stays the same.
+        metrics = trainer.train_epoch([k for k in keys if trainer.trainable(k)])
+        if report is not None:
+            report(
+                {keys.index(k): m for k, m in metrics.items()},
+                {"members": [trainer.state(k) for k in keys]},
+            )
+    return [trainer.result(k) for k in keys]
+
+
+@dataclass
+class _Member:
+    """One config in a pack trainer: its own labels, loss, lr schedule, batches and progress.
+    Its weights and momentum live here while it is not stacked in the trainer's pack."""
+
+    config: TrialConfig
+    data: TrialData
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rates: list[float]  # lr per epoch, as run_trial's scheduler gives them
+    loader: TensorLoader
+    weights: dict[str, torch.Tensor]  # the model's state dict
+    momentum: dict[str, torch.Tensor]  # SGD's buffer per parameter name, once it has one
+    history: list[Metrics] = field(default_factory=list)
+    status: str = "training"  # then "completed" or "diverged"
+    epoch: int = 0  # epochs trained (a diverged member's unobserved ones included)
+
+
+class PackTrainer:
+    """Configs of one architecture trained side by side, each at its own epoch.
+
+    Members join (`add`) and leave (`remove`) between epochs; `train_epoch(keys)` trains each of
+    the given members its own next epoch (its lr, its batches) in one pack and returns their
+    metrics. The pack is re-stacked only when the set it trains changes; a member's course
+    depends on its pack-mates only through the layout's rounding (the pack's size).
+    """
+
+    def __init__(self, shared: TrialConfig) -> None:
+        self.shared = check_packable([shared])[0]
+        if self.shared.threads:
+            torch.set_num_threads(self.shared.threads)
+        self.device = pick_device(self.shared.device)
+        self.profile = get_profile(self.shared.dataset)
+        self.members: dict[int, _Member] = {}
+        self._keys = 0
+        self._stacked: list[int] = []  # the members in the pack, in order
+        self._pack: Pack | None = None
+        self._step: _Step | None = None
+        self._val: Loader | None = None
+        self._first: TrialData | None = None  # the split every member must share
+        self._template: nn.Module | None = None
+        self._images: torch.Tensor | None = None
+        self._test: Loader | None = None
+        self.bf16 = check_precision(self.shared.precision, self.profile, self.device)
+
+    def add(self, config: TrialConfig, resume: dict[str, Any] | None = None) -> int:
+        """A new member (from its checkpoint, a `state`, when given); returns its key."""
+        cfg = check_packable([self.shared, config])[1]
+        data = prepare_data(cfg)
+        ds = data.dataset
+        if not isinstance(ds, ImageSet):
+            raise UserError(
+                f"dataset: {ds.name} is read from files; packed trials need an in-memory dataset "
+                f"({', '.join(IN_MEMORY_DATASETS)}): run these configs one by one"
+            )
+        self._share_split(data)
+        shape = int(ds.train_images.shape[1]), int(ds.train_images.shape[-1])
+        with torch.random.fork_rng(devices=[]):  # seeded as run_trial does, without leaking
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, ds.num_classes, *shape).to(self.device)
+        if self._template is None:
+            self._template = model
+        weights = {n: t.detach() for n, t in model.state_dict().items()}
+        member = _Member(
+            config=cfg,
+            data=data,
+            loss=build_loss(cfg.loss, ds.num_classes, **cfg.loss_params),
+            rates=_learning_rates(cfg, self.profile),
+            loader=TensorLoader(
+                self._images,
+                torch.stack([data.noisy_labels, data.clean_labels], dim=1)[data.train_idx],
+                mean=ds.mean,
+                std=ds.std,
+                augment=ds.augment,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                device=self.device,
+            ),
+            weights=weights,
+            momentum={},
         )
-    profile = get_profile(first.dataset)
-    k = len(cfgs)
+        if resume is not None:
+            _restore(member, resume, self.device)
+        self._keys += 1
+        self.members[self._keys] = member
+        return self._keys
 
-    shape = int(ds.train_images.shape[1]), int(ds.train_images.shape[-1])
-    members = []
-    with torch.random.fork_rng(devices=[]):  # seed as run_trial does, without leaking the state
-        for c in cfgs:
-            torch.manual_seed(c.seed)
-            members.append(build_model(c.model, ds.num_classes, *shape).to(device))
-    pack = Pack(members)
-    step = _Step(
-        pack,
-        [build_loss(c.loss, ds.num_classes, **c.loss_params) for c in cfgs],
-        _StackedSGD(pack.parameters(), profile, [c.l2 for c in cfgs]),
-        torch.tensor([c.l1 for c in cfgs], device=device),
-        profile.grad_clip,
-        check_precision(first.precision, profile, device),
-    )
-    rates = [_learning_rates(c, profile) for c in cfgs]
-    loaders, val_batches, test_batches = _loaders(cfgs, data, device, profile)
-    n_train = len(data[0].train_idx)
+    def remove(self, key: int) -> None:
+        if key in self._stacked:
+            self._unstack()
+        del self.members[key]
 
-    histories: list[list[Metrics]] = [[] for _ in cfgs]
-    status = ["completed"] * k
-    active = list(range(k))
-    start = 0
-    if resume is not None:
-        start, histories, status, active = _restore(resume, pack, step.optimizer, data)
-    for epoch in range(start, first.epochs):
+    def trainable(self, key: int) -> bool:
+        """Whether the member has epochs left (a diverged one too: it runs on, unobserved)."""
+        m = self.members[key]
+        return m.status != "completed" and m.epoch < m.config.epochs
+
+    def train_epoch(self, keys: Sequence[int]) -> dict[int, Metrics]:
+        """One epoch of each member in `keys` (trainable ones), together; the metrics of those
+        not diverged before it. A member whose loss turns NaN/inf is "diverged" from then on."""
+        keys = [k for k in keys if self.trainable(k)]
+        if not keys:
+            return {}
+        if keys != self._stacked:
+            self._restack(keys)
+        assert self._pack is not None and self._step is not None
+        members = [self.members[k] for k in keys]
         began = time.perf_counter()
-        lr = [r[epoch] for r in rates]
-        sums = step.epoch(_joined(loaders, epoch, pack), torch.tensor(lr, device=device))
+        lr = [m.rates[m.epoch] for m in members]
+        batches = _joined([m.loader for m in members], [m.epoch for m in members], self._pack)
+        sums = self._step.epoch(batches, torch.tensor(lr, device=self.device))
         train_loss = [s / max(sums.batches, 1) for s in sums.loss.tolist()]
-        finite = [i for i in active if math.isfinite(train_loss[i])]
-        val = (
-            _accuracies(pack, val_batches, step.bf16) if val_batches and finite else [math.nan] * k
-        )
-        test = _accuracies(pack, test_batches, step.bf16) if finite else [math.nan] * k
+        observed = [i for i, m in enumerate(members) if m.status == "training"]
+        finite = any(math.isfinite(train_loss[i]) for i in observed)
+        nan = [math.nan] * len(keys)
+        val = _accuracies(self._pack, self._val, self.bf16) if self._val and finite else nan
+        test = _accuracies(self._pack, self._test, self.bf16) if finite else nan
         fit, memo, wrong = sums.fit.tolist(), sums.memo.tolist(), sums.wrong.tolist()
         seconds = time.perf_counter() - began
-        reported: dict[int, Metrics] = {}
-        for i in active:
+        out: dict[int, Metrics] = {}
+        for i, (key, m) in enumerate(zip(keys, members, strict=True)):
+            m.epoch += 1
+            if i not in observed:
+                continue
             metrics = epoch_metrics(
-                epoch=epoch + 1,
+                epoch=m.epoch,
                 train_loss=train_loss[i],
-                noisy_fit=fit[i] / max(n_train, 1),
+                noisy_fit=fit[i] / max(len(m.data.train_idx), 1),
                 memorized=memo[i] / wrong[i] if wrong[i] else math.nan,
                 val_acc=val[i],
                 test_acc=test[i],
                 lr=lr[i],
-                noise_realised=data[i].noise_rate,
+                noise_realised=m.data.noise_rate,
                 epoch_seconds=seconds,
-                bf16=step.bf16,
+                bf16=self.bf16,
             )
-            histories[i].append(metrics)
-            reported[i] = metrics
+            m.history.append(metrics)
             if metrics["diverged"]:
-                status[i] = "diverged"
-        active = finite
-        if report is not None:
-            report(
-                reported, _state(epoch + 1, pack, step.optimizer, data, histories, status, active)
+                m.status = "diverged"
+            elif m.epoch >= m.config.epochs:
+                m.status = "completed"
+            out[key] = metrics
+        return out
+
+    def state(self, key: int) -> dict[str, Any]:
+        """Member `key`'s checkpoint: plain tensors, lists and strings (weights_only). Its
+        tensors alias the live ones: save or copy them before the next epoch."""
+        m = self.members[key]
+        weights, momentum = m.weights, m.momentum
+        if key in self._stacked:
+            weights, momentum = self._member(self._stacked.index(key))
+        return {
+            "epoch": m.epoch,
+            "model": weights,
+            "momentum": momentum,
+            "label_hash": m.data.label_hash,
+            "history": [dict(h) for h in m.history],
+            "status": m.status,
+        }
+
+    def result(self, key: int) -> TrialResult:
+        m = self.members[key]
+        status = "diverged" if m.status == "diverged" else "completed"
+        return TrialResult(status=status, history=list(m.history), data=m.data)
+
+    def _share_split(self, data: TrialData) -> None:
+        """The first member's images move to the device once; later ones must share its split."""
+        first = self._first
+        if first is None:
+            self._first = data
+            ds, rows = data.dataset, data.image_index
+            self._images = ds.train_images[torch.from_numpy(rows[data.train_idx])].to(self.device)
+            self._test = eval_loader(
+                ds, None, None, batch_size=self.profile.eval_batch_size, device=self.device
             )
-        if not active:
-            break
-    return [
-        TrialResult(status=s, history=h, data=d)
-        for s, h, d in zip(status, histories, data, strict=True)
-    ]
+            return
+        same = (
+            np.array_equal(data.image_index, first.image_index)
+            and np.array_equal(data.train_idx, first.train_idx)
+            and np.array_equal(data.val_idx, first.val_idx)
+        )
+        if not same:  # guaranteed by the shared fields; checked anyway
+            raise UserError("configs: a member's training/validation split differs from the pack's")
+
+    def _member(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Weights and momentum of the pack's i-th member (views of the stacked tensors)."""
+        assert self._pack is not None and self._step is not None
+        names = list(self._pack.params)
+        buffers = self._step.optimizer.buffers
+        momentum = {n: b[i] for n, b in zip(names, buffers, strict=True) if b is not None}
+        return self._pack.member_state(i), momentum
+
+    def _unstack(self) -> None:
+        """Copy each stacked member's weights and momentum back into its own tensors."""
+        for i, key in enumerate(self._stacked):
+            if key in self.members:
+                weights, momentum = self._member(i)
+                m = self.members[key]
+                m.weights = {n: t.clone() for n, t in weights.items()}
+                m.momentum = {n: t.clone() for n, t in momentum.items()}
+        self._stacked, self._pack, self._step, self._val = [], None, None, None
+
+    def _restack(self, keys: list[int]) -> None:
+        self._unstack()
+        assert self._template is not None and self._first is not None
+        members = [self.members[k] for k in keys]
+        pack = Pack(self._template, [m.weights for m in members])
+        momentum = [
+            torch.stack([m.momentum.get(n, torch.zeros_like(p[0])) for m in members])
+            if any(n in m.momentum for m in members)
+            else None  # a fresh member's zeros give exactly its first step: 0·μ + g = g
+            for n, p in pack.params.items()
+        ]
+        optimizer = _StackedSGD(
+            pack.parameters(), self.profile, [m.config.l2 for m in members], momentum
+        )
+        self._step = _Step(
+            pack,
+            [m.loss for m in members],
+            optimizer,
+            torch.tensor([m.config.l1 for m in members], device=self.device),
+            self.profile.grad_clip,
+            self.bf16,
+        )
+        first = self._first
+        if len(first.val_idx):
+            labels = torch.stack(
+                [
+                    m.data.clean_labels if m.config.val_labels == "clean" else m.data.noisy_labels
+                    for m in members
+                ],
+                dim=1,
+            )[first.val_idx]
+            rows = first.image_index[first.val_idx]
+            self._val = eval_loader(
+                first.dataset,
+                rows,
+                labels,
+                batch_size=self.profile.eval_batch_size,
+                device=self.device,
+            )
+        self._pack, self._stacked = pack, list(keys)
 
 
 # Packs that `jal-search evaluate` forms on its own stay at most this large: a pack's members
@@ -250,23 +437,29 @@ def check_packable(configs: Sequence[TrialConfig]) -> list[TrialConfig]:
 class Pack:
     """K models of one architecture as stacked tensors, run together in the wide layout."""
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
-        self.k = len(members)
-        params, buffers = stack_module_state(list(members))
-        self.channels_last = _prefers_channels_last(members[0])
+    def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """`states`: the members' state dicts (those of `template`'s architecture)."""
+        self.k = len(states)
+        names = dict(template.named_parameters())
+        stacked = {n: torch.stack([s[n].detach() for s in states]) for n in states[0]}
+        self.channels_last = _prefers_channels_last(template)
         # Conv weights whose members are channels-last are stored so that their wide views are
         # channels-last too: oneDNN then runs the grouped convolutions channels-last.
         self.params = {
-            n: _channels_last_stack(p) if self.channels_last and p.ndim == 5 else p
-            for n, p in params.items()
+            n: (_channels_last_stack(t) if self.channels_last and t.ndim == 5 else t)
+            .detach()
+            .requires_grad_()
+            for n, t in stacked.items()
+            if n in names
         }
-        self.buffers = buffers
-        self.keys = list(members[0].state_dict())
-        self.wide = _widen(members[0], self.k)
+        self.buffers = {n: t for n, t in stacked.items() if n not in names}
+        self.keys = list(states[0])
+        self.wide = _widen(template, self.k)
         self._linear = {n for n, m in self.wide.named_modules() if isinstance(m, _PackedLinear)}
         # BatchNorm counts its steps in num_batches_tracked; members step together, so one counter
-        # per layer stands for all of them.
-        self.counts = {n: v[0].clone() for n, v in buffers.items() if _is_count(n)}
+        # per layer stands for all of them, and each member's own is its count plus the steps here.
+        self.counts = {n: v[0].clone() for n, v in self.buffers.items() if _is_count(n)}
+        self._counted = {n: c.clone() for n, c in self.counts.items()}
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
@@ -319,7 +512,13 @@ class Pack:
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (the keys of its model's), aliasing the stacked tensors."""
-        return _member_view(self.keys, {**self.params, **self.buffers, **self.counts}, i)
+        stacked = {**self.params, **self.buffers}
+        return {
+            n: stacked[n][i] + (self.counts[n] - self._counted[n])
+            if _is_count(n)
+            else stacked[n][i].detach()
+            for n in self.keys
+        }
 
     def _wide_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -413,7 +612,7 @@ def _channels_last_stack(p: torch.Tensor) -> torch.Tensor:
     k, o, c, h, w = p.shape
     out = p.new_empty(k, o, h, w, c).permute(0, 1, 4, 2, 3)
     out.copy_(p)
-    return out.detach().requires_grad_(p.requires_grad)
+    return out
 
 
 def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -485,12 +684,18 @@ class _StackedSGD:
     with per-member learning rates and weight decays, step for step as torch's single-tensor code.
     """
 
-    def __init__(self, params: list[torch.Tensor], profile: Profile, weight_decay: list[float]):
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        profile: Profile,
+        weight_decay: list[float],
+        buffers: list[torch.Tensor | None],
+    ) -> None:
         self.params = params
         self.momentum, self.nesterov = profile.momentum, profile.nesterov
         self.weight_decay = torch.tensor(weight_decay, device=params[0].device)
         self.decay = any(weight_decay)
-        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+        self.buffers = buffers  # (K, …) per parameter; None until its first step
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -527,59 +732,13 @@ def _learning_rates(cfg: TrialConfig, profile: Profile) -> list[float]:
     return rates
 
 
-def _loaders(
-    cfgs: list[TrialConfig], data: list[TrialData], device: torch.device, profile: Profile
-) -> tuple[list[TensorLoader], Loader | None, Loader]:
-    """Per-member train loaders over one shared image tensor; shared validation and test loaders.
-
-    Member k's loader is `loaders.train_loader(...)` with member k's labels and seed, so its batches
-    are exactly those of member k's own trial. Validation carries one label column per member.
-    """
-    ds = data[0].dataset
-    rows = data[0].image_index
-    for i, d in enumerate(data[1:], start=1):  # guaranteed by the shared fields; checked anyway
-        same = (
-            np.array_equal(d.image_index, rows)
-            and np.array_equal(d.train_idx, data[0].train_idx)
-            and np.array_equal(d.val_idx, data[0].val_idx)
-        )
-        if not same:
-            raise UserError(f"configs[{i}]: its training/validation split differs from configs[0]")
-    train_rows, val_rows = rows[data[0].train_idx], rows[data[0].val_idx]
-    images = ds.train_images[torch.from_numpy(train_rows)].to(device)
-    loaders = [
-        TensorLoader(
-            images,
-            torch.stack([d.noisy_labels, d.clean_labels], dim=1)[d.train_idx],
-            mean=ds.mean,
-            std=ds.std,
-            augment=ds.augment,
-            batch_size=c.batch_size,
-            shuffle=True,
-            seed=c.seed,
-            device=device,
-        )
-        for c, d in zip(cfgs, data, strict=True)
-    ]
-    val = None
-    if len(val_rows):
-        labels = torch.stack(
-            [
-                (d.clean_labels if c.val_labels == "clean" else d.noisy_labels)
-                for c, d in zip(cfgs, data, strict=True)
-            ],
-            dim=1,
-        )[data[0].val_idx]
-        val = eval_loader(ds, val_rows, labels, batch_size=profile.eval_batch_size, device=device)
-    test = eval_loader(ds, None, None, batch_size=profile.eval_batch_size, device=device)
-    return loaders, val, test
-
-
 def _joined(
-    loaders: list[TensorLoader], epoch: int, pack: Pack
+    loaders: list[TensorLoader], epochs: list[int], pack: Pack
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Each step's member batches as one wide batch and (K, B, 2) labels."""
-    for step in zip(*(loader.batches(epoch) for loader in loaders), strict=True):
+    """Each step's member batches (each member's own epoch's) as one wide batch and (K, B, 2)
+    labels."""
+    batches = (loader.batches(e) for loader, e in zip(loaders, epochs, strict=True))
+    for step in zip(*batches, strict=True):
         yield pack.join([images for images, _ in step]), torch.stack([y for _, y in step])
 
 
@@ -604,63 +763,14 @@ def _accuracies(pack: Pack, loader: Loader, bf16: bool) -> list[float]:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _state(
-    epoch: int,
-    pack: Pack,
-    optimizer: _StackedSGD,
-    data: list[TrialData],
-    histories: list[list[Metrics]],
-    status: list[str],
-    active: list[int],
-) -> dict[str, Any]:
-    """The pack's checkpoint after `epoch`: plain tensors, lists and strings (weights_only)."""
-    return {
-        "epoch": epoch,
-        "keys": pack.keys,
-        "params": {n: p.detach() for n, p in pack.params.items()},
-        "buffers": dict(pack.buffers),
-        "counts": dict(pack.counts),
-        "momentum": list(optimizer.buffers),
-        "label_hashes": [d.label_hash for d in data],
-        "histories": [[dict(m) for m in h] for h in histories],
-        "status": list(status),
-        "active": list(active),
-    }
-
-
-def _restore(
-    state: dict[str, Any], pack: Pack, optimizer: _StackedSGD, data: list[TrialData]
-) -> tuple[int, list[list[Metrics]], list[str], list[int]]:
-    """Load a `_state` into the pack and optimiser; returns epoch, histories, status, active."""
-    hashes = [d.label_hash for d in data]
-    if state["label_hashes"] != hashes or list(state["params"]) != list(pack.params):
+def _restore(member: _Member, state: dict[str, Any], device: torch.device) -> None:
+    """Load a member's checkpoint (`PackTrainer.state`) into it."""
+    if state["label_hash"] != member.data.label_hash or set(state["model"]) != set(member.weights):
         raise UserError(
-            "resume: the checkpoint is of another pack (other members, noisy labels or model); "
+            "resume: the checkpoint is of another pack member (other noisy labels or model); "
             "start the trial afresh"
         )
-    with torch.no_grad():
-        for n, p in pack.params.items():
-            p.copy_(state["params"][n])
-        for n, b in pack.buffers.items():
-            b.copy_(state["buffers"][n])
-        for n, c in pack.counts.items():
-            c.copy_(state["counts"][n])
-    optimizer.buffers = [
-        None if m is None else m.detach().to(p.device, copy=True)
-        for m, p in zip(state["momentum"], optimizer.params, strict=True)
-    ]
-    histories = [[dict(m) for m in h] for h in state["histories"]]
-    return int(state["epoch"]), histories, list(state["status"]), list(state["active"])
-
-
-def member_model(state: dict[str, Any], i: int) -> dict[str, torch.Tensor]:
-    """Member i's model state dict from a pack checkpoint (views of its stacked tensors)."""
-    return _member_view(
-        state["keys"], {**state["params"], **state["buffers"], **state["counts"]}, i
-    )
-
-
-def _member_view(
-    keys: list[str], stacked: dict[str, torch.Tensor], i: int
-) -> dict[str, torch.Tensor]:
-    return {n: stacked[n] if _is_count(n) else stacked[n][i].detach() for n in keys}
+    member.weights = {n: t.to(device, copy=True) for n, t in state["model"].items()}
+    member.momentum = {n: t.to(device, copy=True) for n, t in state["momentum"].items()}
+    member.history = [dict(h) for h in state["history"]]
+    member.status, member.epoch = state["status"], int(state["epoch"])

@@ -26,7 +26,7 @@ from jal_search.spec import (
     load_spec,
     parse_spec,
     plan,
-    trial_count,
+    trials_per_setting,
     with_trials,
 )
 
@@ -93,7 +93,7 @@ def new_manifest(spec: SearchSpec, plans: list[SettingPlan], source: str) -> dic
                 "a_min": None if p.a_min is None or math.isinf(p.a_min) else p.a_min,
                 "amse_bound": spec.amse_bound if p.a_min is not None else None,
                 "status": "pending",
-                "trials": trial_count(spec, p),  # raised by `extend`
+                "trials": trials_per_setting(spec, p.space),  # raised by `extend`
                 "failures": {},
             }
             for p in plans
@@ -148,16 +148,15 @@ def extend(
         raise UserError(
             f"--setting: {unknown[0]!r} is not a setting of {path.name} ({', '.join(names)})"
         )
-    if spec.pack > 1 or spec.searcher.type == "grid":
-        what = "packed searches (pack: K)" if spec.pack > 1 else "grid searches"
-        raise UserError(f"extend: {what} run a fixed set of configs; run a new spec instead")
+    if spec.searcher.type == "grid":
+        raise UserError("extend: grid searches run a fixed set of configs; run a new spec instead")
     plans = {p.name: p for p in plan(spec)}
     with exp.locked(path):
         for entry in manifest["settings"]:
             if settings and entry["name"] not in settings:
                 continue
             wanted = entry["trials"] + trials
-            most = trial_count(with_trials(spec, wanted), plans[entry["name"]])
+            most = trials_per_setting(with_trials(spec, wanted), plans[entry["name"]].space)
             if most <= entry["trials"]:
                 raise UserError(
                     f"--trials: setting {entry['name']} has run every config of its finite "

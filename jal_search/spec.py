@@ -179,9 +179,9 @@ class SearchSpec(_Strict):
     resources: Resources = Resources()
     max_concurrent_trials: StrictInt | None = Field(None, ge=1)
     max_failures: StrictInt = Field(2, ge=0)
-    # Configs trained side by side in one trial process (jal_search.packed); every config of a
-    # pack runs to budget.epochs, so only for grid/random searches without early stopping.
-    pack: StrictInt = Field(1, ge=1, le=32)
+    # Trials trained side by side, up to `pack` per pack worker (a process holding `resources`:
+    # jal_search.packed, tune_packs); each is still its own trial to the searcher and scheduler.
+    pack: StrictInt = Field(1, ge=1, le=128)
     storage_path: PathText = "jal_results"
     storage_shared: StrictBool = False  # a local storage_path that every node of the cluster sees
     tracking_uri: str | None = None
@@ -211,20 +211,8 @@ class SearchSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _pack_without_early_stopping(self) -> SearchSpec:
-        if self.pack == 1:
-            return self
-        if self.scheduler.type != "none":
-            raise ValueError(
-                f"pack: {self.pack} trains every config of a pack to budget.epochs, which an "
-                "early-stopping scheduler cannot do; set scheduler: {type: none} or pack: 1"
-            )
-        if self.searcher.type == "optuna":
-            raise ValueError(
-                f"pack: {self.pack} needs every config chosen up front; Optuna picks each from "
-                "finished ones. Set searcher.type: grid or random, or pack: 1"
-            )
-        if "batch_size" in self.space:
+    def _packs_share_a_batch_size(self) -> SearchSpec:
+        if self.pack > 1 and "batch_size" in self.space:
             raise ValueError(
                 "pack: the configs of a pack share one batch size; fix batch_size (training:) "
                 "or set pack: 1"
@@ -522,12 +510,7 @@ def describe(spec: SearchSpec) -> str:
         ),
         f"{len(plans)} noise settings × {trials} trials × ≤{spec.budget.epochs} epochs "
         f"= worst case {len(plans) * trials * spec.budget.epochs} trial-epochs"
-        + (
-            f"; packed {spec.pack} per process: {len(packs(spec, plans[0]))} Tune trials per "
-            "setting"
-            if spec.pack > 1
-            else ""
-        ),
+        + (f"; trained up to {spec.pack} at a time per pack worker" if spec.pack > 1 else ""),
         f"selection: val_acc on {spec.val_labels} validation labels "
         f"({spec.val_fraction:.0%} of the training set); test accuracy is reported only",
     ]
@@ -557,18 +540,6 @@ def fixed_configs(spec: SearchSpec, p: SettingPlan) -> list[dict[str, float]]:
     while len(points) < spec.budget.trials:
         points.append({k: _sample(v, rng) for k, v in p.space.items()})
     return points
-
-
-def packs(spec: SearchSpec, p: SettingPlan) -> list[list[dict[str, float]]]:
-    """A packed search's configs (`fixed_configs`), `spec.pack` per pack."""
-    points = fixed_configs(spec, p)
-    return [points[i : i + spec.pack] for i in range(0, len(points), spec.pack)]
-
-
-def trial_count(spec: SearchSpec, plan: SettingPlan) -> int:
-    """How many trials a setting runs: its packs, or its share of the budget (at most the size of
-    a finite space)."""
-    return len(packs(spec, plan)) if spec.pack > 1 else trials_per_setting(spec, plan.space)
 
 
 def with_trials(spec: SearchSpec, trials: int) -> SearchSpec:

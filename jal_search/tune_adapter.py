@@ -7,7 +7,8 @@ are the only ones that import Ray.
   with its own searcher (an Optuna study on disk: TPE, random, grid, packs) and scheduler (ASHA
   on epochs), retries of failed trials;
 - the trainable wraps `train.run_trial`, turning its `report(metrics, state)` hook into a
-  journal row, a checkpoint in the trial's own folder (`journal.py`), then `tune.report(row)`.
+  journal row, a checkpoint in the trial's own folder (`journal.py`), then `tune.report(row)`;
+  with `pack: K`, trials run in the slots of shared pack workers instead (`tune_packs`).
   Tune places, starts, stops and restarts trials; it is not the record of what happened.
 - `run_trainings` trains final configs to the end as plain Ray tasks.
 """
@@ -19,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +31,13 @@ from ray.tune.experiment import Trial
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import MEMBERS, SETTING, TRIAL, member_id, unpack, versions
+from jal_search.experiment import SETTING, TRIAL, ended, sampled, trial_header
 from jal_search.journal import Checkpoints, Journal, sole_writer
 from jal_search.metrics import METRICS
 from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.train import run_trial
 from jal_search.tune_callbacks import StorageGuard, Tracking, no_space, storage_full
+from jal_search.tune_packs import CLIENT_RESOURCES, member_trainable, start_workers
 from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting
 
 PROGRESS_METRICS = {m.name: m.name for m in METRICS if m.progress}
@@ -155,6 +156,8 @@ def run_search(
     counts: dict[str, int],
     tracker: Any = None,
     on_setting_start: Callable[[str], None] | None = None,
+    train: Callable[..., Any] = run_trial,
+    pack_trainer: Callable[[TrialConfig], Any] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run, or carry on with, every noise setting of a search as one Tune experiment.
 
@@ -165,7 +168,8 @@ def run_search(
     Tune experiment in `<experiment>/tune`: what happened before is in the studies and the
     trials' journals, which a new run, a resume and `extend` carry on from (unfinished trials
     first, from their checkpoints). `on_setting_start(name)` is called as each of a setting's
-    trials starts.
+    trials starts. `train` (`run_trial`'s signature) trains a trial, `pack_trainer(config)`
+    (None: `packed.PackTrainer`) a pack worker's members: the tests give scripted ones.
 
     Returns, per setting, one entry per trial that finally failed in this run: its name and why.
     Raises KeyboardInterrupt when trials are left unfinished (Tune stopped early on Ctrl-C: it
@@ -173,14 +177,22 @@ def run_search(
     it again carries on.
     """
     path = Path(experiment_dir)  # experiments are local or NFS paths
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _packed_trainable if spec.pack > 1 else _trainable,
-            plans={p.name: p for p in plans},
-            experiment_dir=str(path),
-        ),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
+    workers: list[Any] = []
+    concurrent = spec.max_concurrent_trials
+    if spec.pack > 1:
+        workers = start_workers(spec, plans, str(path), _pack_workers(spec, counts), pack_trainer)
+        concurrent = min(len(workers) * spec.pack, spec.max_concurrent_trials or math.inf)
+        trainable = tune.with_resources(
+            tune.with_parameters(member_trainable, workers=workers, epochs=spec.budget.epochs),
+            CLIENT_RESOURCES,
+        )
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trainable, plans={p.name: p for p in plans}, experiment_dir=str(path), train=train
+            ),
+            {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
+        )
     searcher = by_setting(spec, plans, path, counts)
     shutil.rmtree(path / TUNE_DIR, ignore_errors=True)  # the last run's: nothing is read from it
     tuner = tune.Tuner(
@@ -191,7 +203,7 @@ def run_search(
             search_alg=searcher,
             scheduler=scheduler_by_setting(spec, plans),
             num_samples=-1,  # until the searcher has handed out every setting's trials
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=concurrent,
             reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
@@ -205,8 +217,7 @@ def run_search(
                 Tracking(spec.budget.epochs, tracker, on_setting_start),
             ],
             progress_reporter=tune.CLIReporter(
-                parameter_columns=[SETTING, TRIAL]
-                + ([] if spec.pack > 1 else list(plans[0].space)),
+                parameter_columns=[SETTING, TRIAL, *plans[0].space],
                 metric_columns={"epoch": "epochs", **PROGRESS_METRICS},
                 max_report_frequency=30,
                 sort_by_metric=True,  # by TuneConfig's metric and mode
@@ -225,6 +236,9 @@ def run_search(
         if storage_full(experiment_dir, []):  # e.g. Tune cannot write its own files
             raise no_space(experiment_dir) from None
         raise
+    finally:
+        for worker in workers:
+            ray.kill(worker)
     if grid.errors and storage_full(experiment_dir, grid.errors):
         raise no_space(experiment_dir)
     failures: dict[str, list[dict[str, Any]]] = {p.name: [] for p in plans}
@@ -232,13 +246,25 @@ def run_search(
     for r in grid:
         if r.error is not None:
             failed += 1
-            for trial_id, _, _ in unpack(r.config):
-                failures[r.config[SETTING]].append(
-                    {"trial_id": trial_id, "error": failure_reason(r.error)}
-                )
+            failures[r.config[SETTING]].append(
+                {"trial_id": r.config[TRIAL], "error": failure_reason(r.error)}
+            )
     if searcher.unfinished() > failed:
         raise KeyboardInterrupt("the search stopped before its trials finished")
     return failures
+
+
+def _pack_workers(spec: SearchSpec, counts: dict[str, int]) -> int:
+    """How many pack workers: as many as the cluster holds at `resources:` each, no more than
+    the trials (or `max_concurrent_trials`) fill."""
+    cluster, r = ray.cluster_resources(), spec.resources
+    fits = cluster.get("CPU", 0.0) // r.cpus_per_trial
+    if r.gpus_per_trial:
+        fits = min(fits, cluster.get("GPU", 0.0) // r.gpus_per_trial)
+    wanted = math.ceil(
+        min(sum(counts.values()), spec.max_concurrent_trials or math.inf) / spec.pack
+    )
+    return max(1, min(int(fits), wanted))
 
 
 def _trial_name(trial: Trial) -> str:
@@ -262,28 +288,37 @@ def failure_reason(error: BaseException) -> str:
     """One line saying why a trial failed: the trial's own exception, not Ray's wrapper.
 
     Tune hands back a `RayTaskError` whose text is a colored worker banner (pid, ip, actor id);
-    the exception the trial raised is its `cause`.
+    the exception the trial raised is its `cause` (the cause's cause, for one a pack worker
+    raised into its trial).
     """
-    cause = getattr(error, "cause", None) or error
+    cause = error
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
-def _trainable(params: dict[str, Any], plans: dict[str, SettingPlan], experiment_dir: str) -> None:
+def _trainable(
+    params: dict[str, Any],
+    plans: dict[str, SettingPlan],
+    experiment_dir: str,
+    train: Callable[..., Any],
+) -> None:
     """One Tune trial: the sampled point of the space applied to its setting's base config,
     recorded in the trial's own folder (`journal.py`) and resumed from there after any restart."""
     folder = Path(experiment_dir, params[SETTING], params[TRIAL])
     with sole_writer(folder):
-        _train(params, plans[params[SETTING]], folder)
+        _train(params, plans[params[SETTING]], folder, train)
 
 
-def _train(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
-    sampled = {k: v for k, v in params.items() if k not in (SETTING, TRIAL)}
-    config = plan.trial(sampled).resolve()
+def _train(
+    params: dict[str, Any], plan: SettingPlan, folder: Path, train: Callable[..., Any]
+) -> None:
+    config = plan.trial(sampled(params)).resolve()
     checkpoints = Checkpoints(folder)
     resume = checkpoints.latest()
     journal = Journal(folder)
-    journal.open(_header(params, sampled, config), int(resume["epoch"]) if resume else 0)
+    journal.open(trial_header(params, config), int(resume["epoch"]) if resume else 0)
     node, pid = ray.get_runtime_context().get_node_id(), os.getpid()
 
     def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
@@ -292,79 +327,11 @@ def _train(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
         checkpoints.save(state)
         tune.report(row)
 
-    if resume is not None and _finished(resume["history"], config.epochs):
-        tune.report(resume["history"][-1])  # ended before the driver heard: say how, once more
+    last = resume["history"][-1] if resume and resume["history"] else None
+    if resume is not None and ended(last, config.epochs):
+        tune.report(last)  # ended before the driver heard: say how, once more
         return
-    run_trial(config, report=report, resume=resume)
-
-
-def _packed_trainable(
-    params: dict[str, Any], plans: dict[str, SettingPlan], experiment_dir: str
-) -> None:
-    """One Tune trial that trains a pack of sampled points (`packed.run_packed`): checkpoints in
-    the pack's folder, one journal per member in `<pack>-m<k>`.
-
-    Each epoch reports the members that trained under MEMBERS, and the pack's best val_acc as the
-    trial's own (for the progress table only: packs run under no scheduler or searcher).
-    """
-    folder = Path(experiment_dir, params[SETTING], params[TRIAL])
-    with sole_writer(folder):  # its members' journals too: only the pack writes them
-        _train_pack(params, plans[params[SETTING]], folder)
-
-
-def _train_pack(params: dict[str, Any], plan: SettingPlan, folder: Path) -> None:
-    from jal_search.packed import run_packed
-
-    configs = [plan.trial(p).resolve() for p in params[MEMBERS]]
-    checkpoints = Checkpoints(folder)
-    resume = checkpoints.latest()
-    journals = [Journal(folder.parent / member_id(params[TRIAL], k)) for k in range(len(configs))]
-    for k, journal in enumerate(journals):
-        epochs = len(resume["histories"][k]) if resume else 0
-        journal.open(_header(params, params[MEMBERS][k], configs[k]), epochs)
-    node, pid = ray.get_runtime_context().get_node_id(), os.getpid()
-
-    def report(metrics: dict[int, dict[str, float]], state: dict[str, Any]) -> None:
-        hashes = state["label_hashes"]
-        members = {str(i): {**m, "label_hash": hashes[i]} for i, m in metrics.items()}
-        for i, row in members.items():
-            journals[int(i)].append({**row, "node_id": node, "pid": pid})
-        checkpoints.save(state)
-        scores = [m["val_acc"] for m in metrics.values() if math.isfinite(m["val_acc"])]
-        tune.report(
-            {
-                METRIC: max(scores, default=math.nan),
-                "epoch": state["epoch"],
-                "members_training": len(state["active"]),
-                MEMBERS: members,
-            }
-        )
-
-    if resume is not None and (not resume["active"] or resume["epoch"] >= configs[0].epochs):
-        scores = [h[-1]["val_acc"] for h in resume["histories"] if h]
-        finite = [v for v in scores if math.isfinite(v)]
-        # Ended before the driver heard: say so, once more.
-        tune.report({METRIC: max(finite, default=math.nan), "epoch": resume["epoch"], MEMBERS: {}})
-        return
-    run_packed(configs, report=report, resume=resume)
-
-
-def _header(params: dict[str, Any], sampled: dict[str, Any], config: TrialConfig) -> dict:
-    """A journal's first line: what the trial is and exactly what trains (`config`, resolved)."""
-    return {
-        "trial": params[TRIAL],
-        "setting": params[SETTING],
-        "params": sampled,
-        "config": config.model_dump(mode="json"),
-        "versions": versions(),  # no git subprocess per trial: the manifest has the SHA
-        "started": time.time(),
-    }
-
-
-def _finished(history: list[dict[str, Any]], epochs: int) -> bool:
-    return bool(history) and (
-        history[-1]["epoch"] >= epochs or history[-1].get("diverged", 0.0) >= 1.0
-    )
+    train(config, report=report, resume=resume)
 
 
 def run_trainings(

@@ -14,7 +14,7 @@ from typing import Any
 from ray import tune
 
 from jal_search.errors import UserError
-from jal_search.experiment import SETTING, TrialRecord, unpack
+from jal_search.experiment import SETTING, TRIAL, TrialRecord, sampled
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # A search stops (resumably) when less than this is free under the storage path: checkpoints and
@@ -89,7 +89,6 @@ class Tracking(tune.Callback):
         self.max_epochs = max_epochs
         self.tracker = tracker
         self.on_setting_start = on_setting_start
-        self._last: dict[str, dict] = {}  # each (member) trial's last row: a member may stop early
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "tracker": None, "on_setting_start": None}
@@ -99,24 +98,19 @@ class Tracking(tune.Callback):
             self.on_setting_start(trial.config[SETTING])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
-        setting = trial.config[SETTING]
-        for trial_id, params, row in unpack(trial.config, result):
-            if row is not None:
-                self._last[trial_id] = row
-                if self.tracker:
-                    self.tracker.on_result(setting, trial_id, params, row)
+        if self.tracker:
+            config = trial.config
+            self.tracker.on_result(config[SETTING], config[TRIAL], sampled(config), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        setting = trial.config[SETTING]
-        for trial_id, _, last in unpack(trial.config, trial.last_result or {}):
-            last = self._last.pop(trial_id, None) or last  # Tune's own for a plain trial
-            if self.tracker:
-                record = TrialRecord(setting, trial_id, {}, [last] if last else [])
-                status = record.status(self.max_epochs, True)
-                self.tracker.on_trial_end(setting, trial_id, status)
+        if self.tracker:
+            last = trial.last_result
+            record = TrialRecord(
+                trial.config[SETTING], trial.config[TRIAL], {}, [last] if last else []
+            )
+            status = record.status(self.max_epochs, True)
+            self.tracker.on_trial_end(trial.config[SETTING], trial.config[TRIAL], status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        for trial_id, _, _ in unpack(trial.config):
-            self._last.pop(trial_id, None)
-            if self.tracker:
-                self.tracker.on_trial_end(trial.config[SETTING], trial_id, "failed")
+        if self.tracker:
+            self.tracker.on_trial_end(trial.config[SETTING], trial.config[TRIAL], "failed")

@@ -11,7 +11,7 @@ new one: their journals and checkpoints are found, nothing is rerun, nothing rep
 
 - `SettingSearch`: one setting's study: TPE over the space (the paper's configs first, never one
   config twice, ASHA-stopped trials told PRUNED, diverged ones FAIL, seeded), or configs chosen
-  up front (grid, seeded random samples, packs) recorded in the same kind of study;
+  up front (grid, seeded random samples) recorded in the same kind of study;
 - `BySetting`: Tune's `Searcher`, suggesting setting after setting;
 - `SchedulerBySetting`: one ASHA (or FIFO) per setting, on the trials' own `epoch`.
 """
@@ -37,9 +37,9 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from jal_search.experiment import MEMBERS, SETTING, TRIAL
+from jal_search.experiment import SETTING, TRIAL
 from jal_search.metrics import SELECTION
-from jal_search.spec import Param, SearchSpec, SettingPlan, fixed_configs, packs, with_trials
+from jal_search.spec import Param, SearchSpec, SettingPlan, fixed_configs, with_trials
 
 METRIC, MODE = SELECTION, "max"
 STUDY_FILE = "optuna.journal"  # neither .json nor .pkl: Tune never copies it around
@@ -61,7 +61,7 @@ class SettingSearch:
     is told its twin's outcome (so TPE learns nothing false) and TPE draws again; after REDRAWS
     repeats a seeded random untried config runs (benchmarks/asha_efficiency.py: 0.255 of the
     grid's epochs with repeats, 0.132 without). `listed` set instead: those configs, in order (a
-    grid, random samples, packs).
+    grid, random samples).
 
     `count` trials in all (twins not counted). The study lives in `folder/STUDY_FILE`; opened
     again (resume, extend) it hands out its unfinished trials first.
@@ -88,10 +88,11 @@ class SettingSearch:
         # Trials handed out and not yet told; None for one handed out again (told by number).
         self._running: dict[int, optuna.Trial | None] = {}
         self._unfinished: list[FrozenTrial] = []  # asked by an earlier run and never told
+        self._reported: dict[int, int] = {}  # the last epoch reported per running trial
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its searcher with the experiment; the study is reopened from its file.
-        return {**self.__dict__, "_study": None, "_running": {}, "_unfinished": []}
+        return {**self.__dict__, "_study": None, "_running": {}, "_unfinished": [], "_reported": {}}
 
     @property
     def study(self) -> optuna.Study:
@@ -150,8 +151,10 @@ class SettingSearch:
         """An epoch's score, for Optuna's ranking of pruned trials. Not for a trial handed out
         again: Optuna reports through the asking `Trial` only (it keeps its earlier scores)."""
         trial = self._running.get(number)
-        if trial is not None and value == value:  # Optuna refuses NaN intermediate values
+        # Optuna refuses NaN intermediate values, and warns of a step reported twice.
+        if trial is not None and value == value and epoch > self._reported.get(number, 0):
             trial.report(value, epoch)
+            self._reported[number] = epoch
 
     def tell(self, number: int, last: dict[str, Any] | None) -> None:
         """Record how a trial ended from its last row: COMPLETE (its full budget), PRUNED (ASHA
@@ -159,8 +162,12 @@ class SettingSearch:
         FAIL (diverged, or no epoch at all)."""
         if number not in self._running:
             return
-        trial = self._running.pop(number) or number
         value = (last or {}).get(METRIC)
+        if last and "epoch" in last and isinstance(value, float):
+            # Tune gives a stopped trial's last result to the scheduler and the end, not here.
+            self.report(number, int(last["epoch"]), value)
+        trial = self._running.pop(number) or number
+        self._reported.pop(number, None)
         if not last or last.get("diverged", 0.0) >= 1.0 or value is None or value != value:
             self.study.tell(trial, state=TrialState.FAIL)
         elif last.get("epoch", 0) < self.max_epochs:
@@ -172,6 +179,7 @@ class SettingSearch:
         """Forget a trial Tune finally failed: it stays unfinished in the study, and the next
         resume hands it out again (from its checkpoint)."""
         self._running.pop(number, None)
+        self._reported.pop(number, None)
 
     def unfinished(self) -> int:
         """Trials asked and not told, as the study file holds them now."""
@@ -306,8 +314,6 @@ def by_setting(
 def _search(spec: SearchSpec, plan: SettingPlan, folder: Path, count: int) -> SettingSearch:
     """One setting's search: TPE over its space, or the configs chosen up front."""
     common = {"count": count, "max_epochs": spec.budget.epochs, "seed": spec.searcher.seed}
-    if spec.pack > 1:
-        return SettingSearch(folder, listed=[{MEMBERS: p} for p in packs(spec, plan)], **common)
     if spec.searcher.type == "optuna" and plan.space:
         space = {k: _distribution(p) for k, p in plan.space.items()}
         return SettingSearch(folder, space=space, first=plan.points_to_evaluate, **common)

@@ -76,3 +76,11 @@ def test_driver_scale_reports_the_driver_cost_per_trial_at_each_size():
         f"wall beyond the ideal per trial {scale}",
     ]
     assert re.search(r"^ +10 trials: wall", out, re.M) and re.search(r"^ +40 trials:", out, re.M)
+
+
+@pytest.mark.slow
+def test_packed_search_reports_searches_per_hour_and_the_best_found():
+    out = run("packed_search.py")
+    assert ratios(out) == ["smoke searches per hour, pack 2 / unpacked"]
+    assert re.search(r"^seed 0 pack 2 +wall .* best val_acc: asymmetric-0.2 0\.\d+", out, re.M)
+    assert "largest gap in mean best val_acc, pack 2 vs unpacked" in out

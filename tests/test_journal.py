@@ -78,10 +78,10 @@ def test_checkpoints_keep_the_newest_two_and_fall_back_past_a_damaged_one(tmp_pa
 
 
 def test_a_folder_without_a_journal_is_not_a_trial(tmp_path):
-    # A pack's own folder holds its checkpoints; its members' journals are beside it.
+    # E.g. a folder left by an older version, or one a user made: only journals make trials.
     Checkpoints(tmp_path / "s" / "t00000").save({"epoch": 1})
-    Journal(tmp_path / "s" / "t00000-m0").open(HEADER, 0)
-    assert [r.trial_id for r in read_trials(tmp_path, "s", {})] == ["t00000-m0"]
+    Journal(tmp_path / "s" / "t00001").open(HEADER, 0)
+    assert [r.trial_id for r in read_trials(tmp_path, "s", {})] == ["t00001"]
 
 
 def test_a_trial_folder_has_one_writer_at_a_time(tmp_path):

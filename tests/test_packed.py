@@ -20,7 +20,7 @@ from jal_search.config import TrialConfig
 from jal_search.errors import UserError
 from jal_search.loaders import TensorLoader
 from jal_search.models import build_model, model_names
-from jal_search.packed import Pack, check_packable, member_model, run_packed
+from jal_search.packed import Pack, PackTrainer, check_packable, run_packed
 from jal_search.train import load_checkpoint, run_trial, save_checkpoint
 
 BASE = dict(dataset="digits", epochs=2, noise_type="symmetric", noise_rate=0.4, lr=0.02)
@@ -85,7 +85,7 @@ def _run_packed(configs):
 
     def report(metrics, state):
         for i in metrics:
-            states[i].append(copy.deepcopy(member_model(state, i)))
+            states[i].append(copy.deepcopy(state["members"][i]["model"]))
 
     return run_packed(configs, report=report), states
 
@@ -185,7 +185,7 @@ def test_the_wide_model_computes_each_member_exactly(name):
     for seed in range(k):
         torch.manual_seed(seed)
         members.append(build_model(name, 10, channels, size))
-    pack = Pack(members)
+    pack = Pack(members[0], [m.state_dict() for m in members])
     x = torch.randn(k, batch, channels, size, size)
     logits = pack(pack.join(list(x)))  # train mode: BatchNorm uses batch statistics
     for i, member in enumerate(members):
@@ -227,8 +227,8 @@ def test_a_pack_resumed_from_its_checkpoint_ends_as_if_never_stopped(tmp_path):
             for key in ("train_loss", "noisy_fit", "memorized", "val_acc", "test_acc", "lr"):
                 assert mb[key] == pytest.approx(ma[key], rel=0, abs=0, nan_ok=True), key
     for i in (0, 2):
-        for name, value in member_model(states[-1], i).items():
-            assert torch.equal(member_model(resumed_states[-1], i)[name], value), name
+        for name, value in states[-1]["members"][i]["model"].items():
+            assert torch.equal(resumed_states[-1]["members"][i]["model"][name], value), name
 
 
 def test_a_checkpoint_of_another_pack_is_refused():
@@ -243,7 +243,7 @@ def test_a_checkpoint_of_another_pack_is_refused():
 def test_a_layer_packing_does_not_know_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LayerNorm(3))
     with pytest.raises(TypeError, match="LayerNorm"):
-        Pack([model, copy.deepcopy(model)])
+        Pack(model, [model.state_dict()] * 2)
 
 
 @pytest.mark.parametrize(
@@ -280,3 +280,75 @@ def test_members_may_differ_in_everything_else():
         update={"seed": 9, "loss": "gce", "lr": 0.3, "noise_rate": 0.2, "val_labels": "clean"}
     )
     assert [c.seed for c in check_packable([first, other])] == [1, 9]
+
+
+def test_members_that_join_and_leave_between_epochs_train_as_they_would_alone(seen):
+    # A pack worker's slots: A trains an epoch alone, B joins (A at its epoch 2, B at its 1: each
+    # its own lr and batches), A leaves, B ends alone. In float64, as the few-steps test above.
+    seen.float64 = True
+    a, b = (TrialConfig(**{**FEW, **m}) for m in _members()[:2])
+    trainer = PackTrainer(a)
+    states = {}
+    ka = trainer.add(a)
+    epochs = [[ka]]
+    kb = trainer.add(b)
+    epochs += [[ka, kb], [kb]]
+    histories = {ka: [], kb: []}
+    for i, keys in enumerate(epochs):
+        if i == 2:
+            trainer.remove(ka)
+        metrics = trainer.train_epoch(keys)
+        assert sorted(metrics) == sorted(keys)
+        for key in keys:
+            histories[key].append(metrics[key])
+            states.setdefault(key, []).append(copy.deepcopy(trainer.state(key)["model"]))
+    assert trainer.train_epoch([kb]) == {}  # B has run its 2 epochs
+    assert trainer.result(kb).status == "completed"
+    pack_inits, pack_batches = seen.take()
+    for i, (key, config) in enumerate(((ka, a), (kb, b))):
+        alone, alone_states = _run_alone(config)
+        (alone_init,), (alone_batches,) = seen.take()
+        _assert_same_start(pack_inits[i], pack_batches[i], alone_init, alone_batches)
+        for epoch, (p, q) in enumerate(zip(states[key], alone_states, strict=True), 1):
+            assert_within_rounding(p, q, alone_init, epoch * STEPS_PER_EPOCH, LONGEST_SUM)
+        for p, q in zip(histories[key], alone.history, strict=True):
+            for k in (*EXACT, "noisy_fit", "memorized", "val_acc", "test_acc"):
+                assert p[k] == q[k], (q["epoch"], k)
+
+
+def test_a_member_continues_in_another_pack_exactly_as_in_its_own(tmp_path):
+    # Its checkpoint is its own: moved after epoch 1 from a pack with A into a new pack with C
+    # (same size, so the same layout), it ends bit for bit as if it had stayed.
+    x, a, c = (TrialConfig(**{**BASE, "epochs": 3}, seed=s, loss=loss) for s, loss in
+               ((1, "jal_ce"), (2, "ce"), (3, "gce")))  # fmt: skip
+    stayed = PackTrainer(x)
+    kx, ka = stayed.add(x), stayed.add(a)
+    stayed.train_epoch([kx, ka])
+    save_checkpoint(stayed.state(kx), tmp_path)  # through the file format trials use
+    for _ in range(2):
+        stayed.train_epoch([kx, ka])
+    moved = PackTrainer(c)
+    kc, kx2 = moved.add(c), moved.add(x, resume=load_checkpoint(tmp_path))
+    for _ in range(2):
+        moved.train_epoch([kx2, kc])  # x in the first slot before, the second now
+    whole, continued = stayed.state(kx), moved.state(kx2)
+    assert continued["epoch"] == whole["epoch"] == 3
+    assert continued["status"] == whole["status"] == "completed"
+    drop = ("epoch_seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in continued["history"]] == [
+        {k: v for k, v in h.items() if k not in drop} for h in whole["history"]
+    ]
+    for name, value in whole["model"].items():
+        assert torch.equal(continued["model"][name], value), name
+    for name, value in whole["momentum"].items():
+        assert torch.equal(continued["momentum"][name], value), name
+
+
+def test_a_checkpoint_of_another_member_is_refused():
+    x = TrialConfig(**{**BASE, "epochs": 1}, seed=1, loss="ce")
+    trainer = PackTrainer(x)
+    key = trainer.add(x)
+    trainer.train_epoch([key])
+    state = trainer.state(key)
+    with pytest.raises(UserError, match="resume: the checkpoint is of another pack member"):
+        trainer.add(x.model_copy(update={"noise_rate": 0.2}), resume=state)

@@ -1,37 +1,41 @@
-"""Packed searches on a real local Ray: each Tune trial trains a pack of configs; downstream
-(results, MLflow) every member is a trial of its own, with what `run_trial` would have given it:
-its own labels, lr schedule and epochs exactly, its metrics as far as rounding lets them agree
-(`jal_search.packed`'s docstring; a few steps to rounding are checked in tests/test_packed.py)."""
+"""Packed searches on a real local Ray: TPE + ASHA with `pack: 3`, every trial trained in a slot
+of a shared pack worker. Everywhere else (searcher, scheduler, journals, results, MLflow) each
+trial is a trial of its own, with what `run_trial` would have given it: its own labels, lr
+schedule and epochs exactly, its metrics as far as rounding lets them agree (`jal_search.packed`'s
+docstring; a few steps to rounding, and members joining and leaving, in tests/test_packed.py)."""
 
+from collections import Counter
+
+import optuna
 import pytest
+import ray
+import scripted
 import yaml
 
 from jal_search import results, search
 from jal_search.experiment import read_manifest, read_trials
-from jal_search.journal import JOURNAL, read_journal
-from jal_search.spec import parse_spec, plan
+from jal_search.spec import parse_spec, plan, trials_per_setting
 from jal_search.train import run_trial
+from jal_search.tune_adapter import run_search
+from jal_search.tune_search import STUDY_FILE
 
+EPOCHS = 4
 SPEC = {
     "name": "packed",
     "dataset": "digits",
     "loss": "jal_ce",
     "noise": {"symmetric": [0.4]},
-    "space": {"alpha": {"choice": [1.0, 10.0]}, "lr": {"choice": [0.02, 1.0e30]}},
-    "budget": {"trials": 4, "epochs": 3},
-    "scheduler": {"type": "none"},
-    "searcher": {"type": "grid"},
+    "space": {"alpha": {"loguniform": [0.1, 10.0]}, "lr": {"loguniform": [0.002, 0.1]}},
+    "budget": {"trials": 10, "epochs": EPOCHS},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "searcher": {"type": "optuna", "seed": 3},
     "resources": {"cpus_per_trial": 1},
-    "max_concurrent_trials": 2,
     "pack": 3,
 }
+SETTING = "symmetric-0.4"
 
-# A pack of 3 in a Ray actor and a lone run in this process round differently; over 3 noisy epochs
-# they share only the distribution of their results. The bands of tests/test_packed.py; for this
-# config (alpha 10, lr 0.02, 3 epochs) 10-ulp nudges of every weight after every step moved
-# test_acc ≤ 0.0056, val_acc ≤ 0.014 and train_loss ≤ 4e-5 relative over 20 seeds, while the
-# other member's alpha (1) moves test_acc by 0.28 and 0.11 and train_loss by 0.6% and 0.24%
-# after epochs 1 and 2.
+# A member in a pack worker and a lone run in this process round differently; over a few noisy
+# epochs they share only the distribution of their results: tests/rounding.py's bands.
 ACC_BAND = 0.05
 LOSS_BAND = 1e-3
 
@@ -43,33 +47,48 @@ def packed(local_ray, tmp_path_factory):
     return search.run(str(folder / "spec.yaml"), storage_path=str(folder / "runs"))
 
 
-def test_a_packed_grid_gives_every_config_its_own_trial(packed):
+def test_every_trial_of_a_packed_tpe_asha_search_is_its_own(packed):
     (setting,) = read_manifest(packed)["settings"]
     assert setting["status"] == "done" and setting["failures"] == {}
-    folder = packed / setting["name"]
-    pack_folders = [p for p in folder.glob("t*") if any(p.glob("checkpoint-*"))]
-    assert len(pack_folders) == 2  # 4 configs in packs of 3 and 1: their checkpoints
-    trials = read_trials(packed, setting["name"], {})
-    assert sorted((t.config["alpha"], t.config["lr"]) for t in trials) == [
-        (1.0, 0.02), (1.0, 1e30), (10.0, 0.02), (10.0, 1e30)
-    ]  # fmt: skip
-    assert {t.trial_id.rsplit("-m", 1)[0] for t in trials} == {p.name for p in pack_folders}
+    trials = read_trials(packed, SETTING, {})
+    assert len(trials) == 10
     for t in trials:
-        if t.config["lr"] == 1e30:  # diverges in its first epoch and leaves its pack
-            assert t.status(3, True) == "diverged" and len(t.history) == 1
-        else:
-            assert t.status(3, True) == "completed"
-            assert [r["training_iteration"] for r in t.history] == [1, 2, 3]
+        assert [r["epoch"] for r in t.history] == list(range(1, len(t.history) + 1))
+        assert t.resolved["lr"] == t.config["lr"]  # its own sampled config trained
+    ends = Counter(t.status(EPOCHS, True) for t in trials)
+    assert ends["completed"] >= 1 and ends["stopped"] >= 1  # ASHA stopped some, not all
+    # Trained in packs: the rows of one pack epoch share its process and its epoch time.
+    epochs = Counter((r["pid"], r["epoch_seconds"]) for t in trials for r in t.history)
+    assert max(epochs.values()) >= 2
+    assert len({r["pid"] for t in trials for r in t.history}) <= 2  # two workers, one per CPU
+
+
+def test_the_study_records_each_packed_trial_as_the_journals_do(packed):
+    study = optuna.load_study(
+        study_name="jal",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(packed / SETTING / STUDY_FILE))
+        ),
+    )
+    told = {f"t{t.number:05d}": t for t in study.trials}
+    for trial in read_trials(packed, SETTING, {}):
+        state = told[trial.trial_id].state
+        expected = {
+            "completed": optuna.trial.TrialState.COMPLETE,
+            "stopped": optuna.trial.TrialState.PRUNED,
+        }[trial.status(EPOCHS, True)]
+        assert state == expected, trial.trial_id
+        assert told[trial.trial_id].intermediate_values == {
+            int(r["epoch"]): r["val_acc"] for r in trial.history
+        }
 
 
 def test_a_member_trains_as_its_config_would_alone(packed):
-    (setting,) = read_manifest(packed)["settings"]
-    trials = read_trials(packed, setting["name"], {})
-    member = next(t for t in trials if t.config == {"alpha": 10.0, "lr": 0.02})
+    trials = read_trials(packed, SETTING, {})
+    member = max(trials, key=lambda t: (len(t.history), t.history[-1]["val_acc"]))
     (p,) = plan(parse_spec(SPEC, where="spec"))
     alone = run_trial(p.trial(member.config))
-    assert member.status(3, True) == alone.status == "completed"
-    assert len(member.history) == len(alone.history) == 3
+    assert len(member.history) == len(alone.history) == EPOCHS
     for a, m in zip(alone.history, member.history, strict=True):
         # Exactly: what does not depend on rounding (its own noisy labels, epochs, lr schedule).
         assert m["label_hash"] == alone.data.label_hash
@@ -80,27 +99,80 @@ def test_a_member_trains_as_its_config_would_alone(packed):
             assert m[key] == pytest.approx(a[key], abs=ACC_BAND), (a["epoch"], key)
 
 
-def test_results_and_mlflow_see_members_as_trials(packed):
+def test_results_and_mlflow_see_packed_trials_as_trials(packed):
     from mlflow import MlflowClient
 
     from jal_search.tracking import default_tracking_uri
 
+    trials = read_trials(packed, SETTING, {})
     ex = results.with_trials(packed)
-    table = results.trials_table(ex)
-    assert table.num_rows == 4
-    best = results.best(ex, scope="last")
-    assert best["symmetric-0.4"].params["lr"] == 0.02  # diverged members are never selected
+    assert results.trials_table(ex).num_rows == len(trials)
+    best = results.best(ex, scope="last")[SETTING]
+    finished = [t for t in trials if t.status(EPOCHS, True) == "completed"]
+    assert best.params == max(finished, key=lambda t: t.history[-1]["val_acc"]).config
     client = MlflowClient(default_tracking_uri(packed))
     (experiment,) = client.search_experiments(filter_string="name = 'packed'")
     children = client.search_runs([experiment.experiment_id], "tags.`jal.role` = 'trial'")
-    assert sorted(r.data.tags["jal.trial"] for r in children) == sorted(
-        f"symmetric-0.4/{t.trial_id}" for t in read_trials(packed, "symmetric-0.4", {})
-    )
-    statuses = sorted(r.data.tags["jal.status"] for r in children)
-    assert statuses == ["completed", "completed", "diverged", "diverged"]
-    for run in children:
+    by_trial = {r.data.tags["jal.trial"]: r for r in children}
+    assert sorted(by_trial) == sorted(f"{SETTING}/{t.trial_id}" for t in trials)
+    for t in trials:
+        run = by_trial[f"{SETTING}/{t.trial_id}"]
+        assert run.data.tags["jal.status"] == t.status(EPOCHS, True)
         history = client.get_metric_history(run.info.run_id, "val_acc")
-        assert len(history) == (3 if run.data.params["lr"] == "0.02" else 1)
-    # The journals say the same thing: one row per epoch each member trained.
-    rows = [read_journal(f.parent)[1] for f in (packed / "symmetric-0.4").glob(f"*/{JOURNAL}")]
-    assert sorted(len(r) for r in rows) == [1, 1, 3, 3]
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+            r["val_acc"] for r in t.history
+        ]
+
+
+def test_packed_and_unpacked_searches_decide_alike_given_the_same_metrics(local_ray, tmp_path):
+    # Scripted metrics (tests/scripted.py): the searcher and the scheduler see the same results
+    # whether a trial runs alone or in a pack worker's slot, so they must suggest the same configs
+    # and stop the same trials. One trial at a time, so that Tune's events come in one order.
+    ray.cloudpickle.register_pickle_by_value(scripted)
+    outcomes = []
+    for pack in (1, 2):
+        spec = parse_spec({**SPEC, "pack": pack, "max_concurrent_trials": 1}, where="spec")
+        plans = plan(spec)
+        counts = {p.name: trials_per_setting(spec, p.space) for p in plans}
+        folder = tmp_path / f"pack{pack}"
+        run_search(
+            spec,
+            plans,
+            str(folder),
+            counts,
+            train=scripted.scripted_trial,
+            pack_trainer=scripted.ScriptedPack,
+        )
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(folder / SETTING / STUDY_FILE))
+        )
+        study = optuna.load_study(study_name="jal", storage=storage)
+        trials = read_trials(folder, SETTING, {})
+        outcomes.append(
+            (
+                [(t.params, t.state, t.intermediate_values) for t in study.trials],
+                {t.trial_id: len(t.history) for t in trials},
+            )
+        )
+    (alone, alone_epochs), (packed, packed_epochs) = outcomes
+    assert len(alone) == 10 and packed == alone
+    assert packed_epochs == alone_epochs
+    assert 0 < sum(alone_epochs.values()) < 10 * EPOCHS  # ASHA stopped some
+
+
+def test_a_trial_that_fails_in_a_pack_worker_fails_alone(local_ray, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(scripted)
+    spec = parse_spec({**SPEC, "scheduler": {"type": "none"}, "max_failures": 1}, where="spec")
+    plans = plan(spec)
+    counts = {p.name: trials_per_setting(spec, p.space) for p in plans}
+    failures = run_search(spec, plans, str(tmp_path), counts, pack_trainer=scripted.FailingPack)[
+        SETTING
+    ]
+    trials = {t.trial_id: t for t in read_trials(tmp_path, SETTING, {})}
+    failing = {n for n, t in trials.items() if t.config["alpha"] > 3}
+    assert failing and len(failing) < len(trials)
+    # Its own error, raised in the worker, is the reason given; the worker's other trials ran on.
+    assert {f["trial_id"] for f in failures} == failing
+    assert all(f["error"].startswith("ValueError: scripted failure of alpha") for f in failures)
+    for name, t in trials.items():
+        assert len(t.history) == (0 if name in failing else EPOCHS), name

@@ -148,4 +148,4 @@ def test_only_the_tune_modules_import_ray():
                 names = [node.module]
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(module.stem)
-    assert importers == {"tune_adapter", "tune_search", "tune_callbacks"}
+    assert importers == {"tune_adapter", "tune_search", "tune_callbacks", "tune_packs"}
