@@ -75,6 +75,7 @@ from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics
 from jal_search.models import build_model
+from jal_search.noise import validation_transition
 from jal_search.profiles import Profile, get_profile
 from jal_search.train import (
     Metrics,
@@ -161,10 +162,8 @@ def run_packed(
         sums = step.epoch(_joined(loaders, epoch, pack), torch.tensor(lr, device=device))
         train_loss = [s / max(sums.batches, 1) for s in sums.loss.tolist()]
         finite = [i for i in active if math.isfinite(train_loss[i])]
-        val = (
-            _accuracies(pack, val_batches, step.bf16) if val_batches and finite else [math.nan] * k
-        )
-        test = _accuracies(pack, test_batches, step.bf16) if finite else [math.nan] * k
+        val = _confusions(pack, val_batches, step.bf16) if val_batches and finite else [None] * k
+        test = _confusions(pack, test_batches, step.bf16) if finite else [None] * k
         fit, memo, wrong = sums.fit.tolist(), sums.memo.tolist(), sums.wrong.tolist()
         seconds = time.perf_counter() - began
         reported: dict[int, Metrics] = {}
@@ -174,8 +173,15 @@ def run_packed(
                 train_loss=train_loss[i],
                 noisy_fit=fit[i] / max(n_train, 1),
                 memorized=memo[i] / wrong[i] if wrong[i] else math.nan,
-                val_acc=val[i],
-                test_acc=test[i],
+                val_counts=val[i],
+                test_counts=test[i],
+                transition=validation_transition(
+                    cfgs[i].noise_type,
+                    cfgs[i].noise_rate,
+                    ds.num_classes,
+                    cfgs[i].dataset,
+                    cfgs[i].val_labels,
+                ),
                 lr=lr[i],
                 noise_realised=data[i].noise_rate,
                 epoch_seconds=seconds,
@@ -583,22 +589,29 @@ def _joined(
         yield pack.join([images for images, _ in step]), torch.stack([y for _, y in step])
 
 
-def _accuracies(pack: Pack, loader: Loader, bf16: bool) -> list[float]:
-    """Per-member top-1 accuracy; labels are (N,) shared or (N, K) one column per member."""
+def _confusions(pack: Pack, loader: Loader, bf16: bool) -> list[np.ndarray | None]:
+    """Per member, confusion counts [label, predicted] (`train.confusion`); labels are (N,)
+    shared or (N, K) one column per member."""
     pack.eval()
-    correct = torch.zeros(pack.k, dtype=torch.long)
-    total = 0
+    counts = torch.zeros((), dtype=torch.long)
+    classes = 0
     with torch.inference_mode():
         for images, labels in loader.batches(0):
             # K members see each image: split the batch so a pass holds about one batch's worth.
             chunk = math.ceil(len(images) / pack.k)
             with autocast(images, bf16):
-                parts = [pack(pack.repeat(x)).argmax(-1) for x in images.split(chunk)]
-            predicted = torch.cat(parts, 1)
+                logits = [pack(pack.repeat(x)) for x in images.split(chunk)]
+            classes = logits[0].shape[-1]
+            predicted = torch.cat([part.argmax(-1) for part in logits], 1)
             target = labels.T if labels.ndim == 2 else labels
-            correct = correct.to(labels.device) + (predicted == target).sum(1)
-            total += len(labels)
-    return (correct.double() / max(total, 1)).tolist()
+            pairs = (
+                target * classes
+                + predicted
+                + classes * classes * torch.arange(pack.k, device=predicted.device)[:, None]
+            )
+            size = pack.k * classes * classes
+            counts = counts.to(labels.device) + torch.bincount(pairs.flatten(), minlength=size)
+    return list(counts.cpu().numpy().reshape(pack.k, classes, classes))
 
 
 # ------------------------------------------------------------------------------ checkpoints
