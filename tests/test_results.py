@@ -443,15 +443,20 @@ def test_figures_carry_the_data(path):
     last = {t: fake(t).val_acc[-1] for t in eligible}
 
     ax = figures[f"{SYM}_alpha_beta"].axes[0]
-    dots, crosses = ax.collections
-    assert sorted(map(tuple, dots.get_offsets())) == sorted(
-        (fake(t).params["alpha"], fake(t).params["beta"]) for t in eligible
-    )
-    assert sorted(dots.get_array()) == pytest.approx(sorted(100 * v for v in last.values()))
+    full, stopped, crosses = ax.collections
+    # f0000006 (1 epoch) was stopped by ASHA: apart, its score being from an earlier epoch
+    assert [c.get_label() for c in (full, stopped)] == [label for _, _, label in report.KINDS]
+    for dots, ids in ((full, eligible[:3]), (stopped, ["f0000006"])):
+        assert sorted(map(tuple, dots.get_offsets())) == sorted(
+            (fake(t).params["alpha"], fake(t).params["beta"]) for t in ids
+        )
+        assert sorted(dots.get_array()) == pytest.approx(sorted(100 * last[t] for t in ids))
+        assert dots.norm.vmin == pytest.approx(100 * min(last.values()))  # one colour scale
     assert len(crosses.get_offsets()) == 2  # the failed and the diverged trial
 
     ax = figures[f"{SYM}_a"].axes[0]
-    assert len(ax.collections[0].get_offsets()) == len(eligible)
+    assert [len(c.get_offsets()) for c in ax.collections] == [3, 1]
+    assert ax.collections[1].get_label().startswith("stopped by ASHA")
     a_min = results.load_experiment(path).settings[0].a_min
     assert [tuple(line.get_xdata()) for line in ax.lines] == [(a_min, a_min)]
 
