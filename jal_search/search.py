@@ -281,7 +281,7 @@ def _session(
 def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any) -> None:
     from jal_search import tune_adapter
 
-    tracker.start(exp.read_manifest(path), background=True)
+    tracker.start(exp.read_manifest(path), background=True, path=path)
     if any(s["status"] != "done" for s in exp.read_manifest(path)["settings"]):
         started: set[str] = set()
 
@@ -303,7 +303,7 @@ def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any)
 
 
 def _sync_quietly(tracker: Any, path: Path) -> None:
-    """Sync MLflow after a setting; an outage only delays it (`jal-search sync` finishes it)."""
+    """Sync MLflow after the search; an outage only delays it (`jal-search sync` finishes it)."""
     try:
         tracker.sync(path)
     except UserError as err:
