@@ -529,14 +529,14 @@ def top_table(ref: Ref, k: int = 5, scope: str = "last", last_k: int = 3) -> str
             lines.append("  no eligible trial (all failed or diverged)")
             continue
         header = (
-            f"{'#':>2} {'trial':10} {'val_acc':>8} {'clean est [95%]':>22} {'test_acc':>8} "
+            f"{'#':>2} {'trial':10} {'val_acc':>8} {'clean est [95%]':>23} {'test_acc':>8} "
             f"{'epochs':>6}  params"
         )
         lines.append("  " + header)
         for i, c in enumerate(candidates[:k], 1):
             params = ", ".join(f"{p}={v:.4g}" for p, v in sorted(c.params.items()))
             lines.append(
-                f"  {i:>2} {c.trial_id:10} {c.val_acc:8.4f} {clean_text(c.clean):>22} "
+                f"  {i:>2} {c.trial_id:10} {c.val_acc:8.4f} {clean_text(c.clean):>23} "
                 f"{c.test_acc:8.4f} {c.epochs:6d}  {params}"
             )
     return "\n".join(lines)

@@ -319,9 +319,16 @@ def summary_table(path: Path) -> str:
     rows = best_trials(path)
     if not rows:
         return "no finished trials yet"
-    lines = ["best config per noise setting (selected on val_acc; test_acc reported only):"]
-    lines.append(f"  {'setting':16} {'val_acc':>8} {'test_acc':>8} {'epochs':>6}  params")
+    lines = [
+        "best config per noise setting (selected on val_acc; test_acc and the clean-label "
+        "estimate of val_acc reported only):",
+        f"  {'setting':16} {'val_acc':>8} {'clean est [95%]':>23} {'test_acc':>8} {'epochs':>6}"
+        "  params",
+    ]
     for b in rows:
         params = ", ".join(f"{k}={v:.4g}" for k, v in sorted(b.params.items()))
-        lines.append(f"  {b.setting:16} {b.val_acc:8.4f} {b.test_acc:8.4f} {b.epochs:6d}  {params}")
+        lines.append(
+            f"  {b.setting:16} {b.val_acc:8.4f} {results.clean_text(b.clean):>23} "
+            f"{b.test_acc:8.4f} {b.epochs:6d}  {params}"
+        )
     return "\n".join(lines)

@@ -67,7 +67,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -76,6 +76,9 @@ from jal_search import experiment as exp
 from jal_search import metrics
 from jal_search.errors import UserError
 from jal_search.journal import read_journal
+
+if TYPE_CHECKING:
+    from jal_search.results import Experiment, Selection, Setting
 
 METRICS = tuple(m.name for m in metrics.METRICS if m.tracked)  # logged per epoch
 MLFLOW_STATUS = {
@@ -507,7 +510,7 @@ class Tracker:
             self._log_spec(run)
         return run
 
-    def _complete_setting(self, ex: Any, setting: str, report: SyncReport) -> None:
+    def _complete_setting(self, ex: Experiment, setting: str, report: SyncReport) -> None:
         """A done setting: every child with its final status (the best one tagged and described
         as such), the parent with the best trial and the setting's report, then ended."""
         from jal_search import results
@@ -523,12 +526,12 @@ class Tracker:
             if best and len(ties) > 1
             else ""
         )
+        note = (
+            f"Best trial of {setting} by val_acc at its last epoch ({ex.spec.val_labels} "
+            f"validation labels).{tie}"
+        )
         for record in s.trials:
             winner = best is not None and record.trial_id == best.trial_id
-            note = (
-                f"Best trial of {setting} by val_acc at its last epoch (noisy validation "
-                f"labels).{tie}"
-            )
             self._record(setting, record, True, report, note if winner else None)
         params: dict[str, str] = {}
         tags = {"jal.status": "done"}
@@ -554,7 +557,7 @@ class Tracker:
             run.status = "FINISHED"
             report.runs_ended += 1
 
-    def _log_report(self, ex: Any, setting: str, run: _Run) -> None:
+    def _log_report(self, ex: Experiment, setting: str, run: _Run) -> None:
         """The setting's own tables, plots and summary under `results/`, made and logged again
         only when its trials changed (the tag `jal.report` holds what they were)."""
         from jal_search.report import write_setting_report
@@ -893,7 +896,7 @@ def _asha_rungs(spec: dict[str, Any]) -> list[int]:
     return [math.ceil(grace * rf**k) for k in range(count) if grace * rf**k < budget]
 
 
-def _outcome(s: Any, ex: Any, best: Any, tie: str) -> str:
+def _outcome(s: Setting, ex: Experiment, best: Selection | None, tie: str) -> str:
     """How a done setting turned out, for its parent's description."""
     from jal_search.results import clean_text
 
@@ -904,6 +907,6 @@ def _outcome(s: Any, ex: Any, best: Any, tie: str) -> str:
         return f"{text}; no eligible trial (all failed or diverged)"
     return (
         f"{text}. Best: {best.trial_id} (tag jal.best=true), val_acc {best.val_acc:.4f} on "
-        f"noisy validation labels at its last epoch ({best.epochs}), estimated clean val_acc "
-        f"{clean_text(best.clean)}, test_acc {best.test_acc:.4f}.{tie}"
+        f"{ex.spec.val_labels} validation labels at its last epoch ({best.epochs}), estimated "
+        f"clean val_acc {clean_text(best.clean)}, test_acc {best.test_acc:.4f}.{tie}"
     )

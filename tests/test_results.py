@@ -254,12 +254,14 @@ def test_top_table_lists_the_ranking_with_scope_and_counts(path):
         ("1", "b0000002", "0.9500"),
         ("2", "c0000003", "0.8600"),
     ]
+    # the clean-label estimate and its interval at the scored epoch (fabricate: 0.25 + val/2)
+    assert " ".join(lines[0][3:6]) == "0.7250 [0.6750, 0.7750]"
 
 
 def test_search_best_trials_uses_the_last_scope(path):
     best = {b.setting: b for b in search.best_trials(path)}
     assert (best[SYM].trial_id, best[ASYM].trial_id) == ("a0000001", "h0000008")
-    line = f"{SYM}      0.8000   0.9000      4  a=10, alpha=2, beta=0.5"
+    line = f"{SYM}      0.8000 0.6500 [0.6000, 0.7000]   0.9000      4  a=10, alpha=2, beta=0.5"
     assert line in search.summary_table(path)
 
 
