@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 SELECTION = "val_acc"  # the one metric the search selects on (test_acc is reported only)
 
 
@@ -57,6 +59,16 @@ METRICS: tuple[Metric, ...] = (
         progress=True,
     ),
     Metric(
+        "val_acc_clean_est",
+        "estimated accuracy on the validation split's clean labels, from its noisy-label "
+        "confusion counts and the setting's transition matrix T (`clean_accuracy`); equals "
+        "val_acc for clean validation labels; NaN where T is unknown (dependent, human noise). "
+        "Reported only: selection stays on val_acc",
+        final=True,
+    ),
+    Metric("val_acc_clean_lo", "lower end of val_acc_clean_est's 95% interval", final=True),
+    Metric("val_acc_clean_hi", "upper end of val_acc_clean_est's 95% interval", final=True),
+    Metric(
         "test_acc",
         "clean test accuracy (reported, never used to select)",
         final=True,
@@ -88,26 +100,75 @@ def epoch_metrics(
     train_loss: float,
     noisy_fit: float,
     memorized: float,
-    val_acc: float,
-    test_acc: float,
+    val_counts: np.ndarray | None,
+    test_counts: np.ndarray | None,
+    transition: np.ndarray | None,
     lr: float,
     noise_realised: float,
     epoch_seconds: float,
     bf16: bool,
 ) -> dict[str, float]:
-    """One epoch's row, as every loop reports it. A non-finite loss marks the epoch diverged, and
-    its accuracies NaN (the model it evaluated is no model)."""
+    """One epoch's row, as every loop reports it.
+
+    `val_counts` / `test_counts` are the confusion counts [label, predicted] of the evaluation
+    (None: not evaluated); `transition` is the validation labels' T (None: unknown). A non-finite
+    loss marks the epoch diverged, and its accuracies NaN (the model it evaluated is no model)."""
     diverged = not math.isfinite(train_loss)
+    val = None if diverged else val_counts
+    test = None if diverged else test_counts
+    clean = clean_accuracy(val, transition) if val is not None and transition is not None else None
+    est, lo, hi = clean or (math.nan, math.nan, math.nan)
     return {
         "epoch": float(epoch),
         "train_loss": train_loss,
         "noisy_fit": noisy_fit,
         "memorized": memorized,
-        "val_acc": math.nan if diverged else val_acc,
-        "test_acc": math.nan if diverged else test_acc,
+        "val_acc": accuracy(val),
+        "val_acc_clean_est": est,
+        "val_acc_clean_lo": lo,
+        "val_acc_clean_hi": hi,
+        "test_acc": accuracy(test),
         "lr": lr,
         "noise_realised": noise_realised,
         "epoch_seconds": epoch_seconds,
         "diverged": float(diverged),
         "bf16": float(bf16),
     }
+
+
+def accuracy(counts: np.ndarray | None) -> float:
+    """Top-1 accuracy from confusion counts [label, predicted]; NaN when None or empty."""
+    total = 0 if counts is None else int(counts.sum())
+    return int(np.trace(counts)) / total if total else math.nan
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def clean_accuracy(counts: np.ndarray, transition: np.ndarray) -> tuple[float, float, float]:
+    """(estimate, low, high): the accuracy against clean labels that noisy-label confusion counts
+    imply, with a 95% interval, clipped to [0, 1].
+
+    `counts[noisy, predicted]` are the validation split's; `transition[true, noisy]` is the
+    noise's T. Under class-conditional noise the expected counts are N = Tᵀ·C, with C the
+    clean-label confusion counts, so C = T⁻ᵀ·N and the clean accuracy trace(C)/n is the mean over
+    the n samples of the weight W[noisy, predicted] with W = T⁻¹. For symmetric noise this is
+    (noisy_acc − η/(K−1)) / (1 − η − η/(K−1)), an increasing map of the noisy accuracy. The
+    interval is the normal one of that mean (its standard error from the weights' spread over the
+    samples): for symmetric noise, the Wald interval of the noisy accuracy through the same map.
+    It covers the validation sample only, given T. A singular T gives NaN.
+    """
+    n = float(counts.sum())
+    if n == 0 or np.linalg.cond(transition) > 1e12:
+        return math.nan, math.nan, math.nan
+    weights = np.linalg.inv(transition)
+    p = counts / n
+    mean = float((weights * p).sum())
+    spread = max(float((weights**2 * p).sum()) - mean**2, 0.0)
+    half = Z95 * math.sqrt(spread / n)
+    return _unit(mean), _unit(mean - half), _unit(mean + half)
+
+
+def _unit(value: float) -> float:
+    """Clipped to [0, 1]: an unbiased estimate from a finite sample can land outside."""
+    return min(max(value, 0.0), 1.0)

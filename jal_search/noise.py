@@ -168,6 +168,20 @@ def transition_matrix(
     return _asymmetric_matrix(eta, k, dataset)
 
 
+def validation_transition(
+    noise_type: str, rate: float | str, num_classes: int, dataset: str, val_labels: str
+) -> np.ndarray | None:
+    """The T of the validation labels, for `metrics.clean_accuracy`: the identity for clean ones,
+    the setting's matrix for symmetric and asymmetric noise; None where T is unknown (dependent
+    noise depends on the image, human noise has no model; custom matrices never reach a trial).
+    """
+    if val_labels == "clean" or noise_type == "clean":
+        return np.eye(num_classes)
+    if noise_type in ("symmetric", "asymmetric"):
+        return transition_matrix(noise_type, float(rate), num_classes, dataset)
+    return None
+
+
 def _asymmetric_matrix(eta: float, k: int, dataset: str | None) -> np.ndarray:
     key = None if dataset is None else dataset.strip().lower().replace("-", "_")
     if key == "cifar100":

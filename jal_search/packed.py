@@ -81,6 +81,7 @@ from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics
 from jal_search.models import build_model
+from jal_search.noise import validation_transition
 from jal_search.profiles import Profile, get_profile
 from jal_search.train import (
     Metrics,
@@ -153,6 +154,7 @@ class _Member:
     loader: TensorLoader
     weights: dict[str, torch.Tensor]  # the model's state dict
     momentum: dict[str, torch.Tensor]  # SGD's buffer per parameter name, once it has one
+    transition: np.ndarray | None  # its validation labels' T (`noise.validation_transition`)
     history: list[Metrics] = field(default_factory=list)
     status: str = "training"  # then "completed" or "diverged"
     epoch: int = 0  # epochs trained (a diverged member's unobserved ones included)
@@ -221,6 +223,9 @@ class PackTrainer:
             ),
             weights=weights,
             momentum={},
+            transition=validation_transition(
+                cfg.noise_type, cfg.noise_rate, ds.num_classes, cfg.dataset, cfg.val_labels
+            ),
         )
         if resume is not None:
             _restore(member, resume, self.device)
@@ -255,9 +260,9 @@ class PackTrainer:
         train_loss = [s / max(sums.batches, 1) for s in sums.loss.tolist()]
         observed = [i for i, m in enumerate(members) if m.status == "training"]
         finite = any(math.isfinite(train_loss[i]) for i in observed)
-        nan = [math.nan] * len(keys)
-        val = _accuracies(self._pack, self._val, self.bf16) if self._val and finite else nan
-        test = _accuracies(self._pack, self._test, self.bf16) if finite else nan
+        none = [None] * len(keys)
+        val = _confusions(self._pack, self._val, self.bf16) if self._val and finite else none
+        test = _confusions(self._pack, self._test, self.bf16) if finite else none
         fit, memo, wrong = sums.fit.tolist(), sums.memo.tolist(), sums.wrong.tolist()
         seconds = time.perf_counter() - began
         out: dict[int, Metrics] = {}
@@ -270,8 +275,9 @@ class PackTrainer:
                 train_loss=train_loss[i],
                 noisy_fit=fit[i] / max(len(m.data.train_idx), 1),
                 memorized=memo[i] / wrong[i] if wrong[i] else math.nan,
-                val_acc=val[i],
-                test_acc=test[i],
+                val_counts=val[i],
+                test_counts=test[i],
+                transition=m.transition,
                 lr=lr[i],
                 noise_realised=m.data.noise_rate,
                 epoch_seconds=seconds,
@@ -742,22 +748,29 @@ def _joined(
         yield pack.join([images for images, _ in step]), torch.stack([y for _, y in step])
 
 
-def _accuracies(pack: Pack, loader: Loader, bf16: bool) -> list[float]:
-    """Per-member top-1 accuracy; labels are (N,) shared or (N, K) one column per member."""
+def _confusions(pack: Pack, loader: Loader, bf16: bool) -> list[np.ndarray | None]:
+    """Per member, confusion counts [label, predicted] (`train.confusion`); labels are (N,)
+    shared or (N, K) one column per member."""
     pack.eval()
-    correct = torch.zeros(pack.k, dtype=torch.long)
-    total = 0
+    counts = torch.zeros((), dtype=torch.long)
+    classes = 0
     with torch.inference_mode():
         for images, labels in loader.batches(0):
             # K members see each image: split the batch so a pass holds about one batch's worth.
             chunk = math.ceil(len(images) / pack.k)
             with autocast(images, bf16):
-                parts = [pack(pack.repeat(x)).argmax(-1) for x in images.split(chunk)]
-            predicted = torch.cat(parts, 1)
+                logits = [pack(pack.repeat(x)) for x in images.split(chunk)]
+            classes = logits[0].shape[-1]
+            predicted = torch.cat([part.argmax(-1) for part in logits], 1)
             target = labels.T if labels.ndim == 2 else labels
-            correct = correct.to(labels.device) + (predicted == target).sum(1)
-            total += len(labels)
-    return (correct.double() / max(total, 1)).tolist()
+            pairs = (
+                target * classes
+                + predicted
+                + classes * classes * torch.arange(pack.k, device=predicted.device)[:, None]
+            )
+            size = pack.k * classes * classes
+            counts = counts.to(labels.device) + torch.bincount(pairs.flatten(), minlength=size)
+    return list(counts.cpu().numpy().reshape(pack.k, classes, classes))
 
 
 # ------------------------------------------------------------------------------ checkpoints

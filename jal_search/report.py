@@ -6,6 +6,8 @@
                                   rate, one line per noise type (clean joins each at rate 0)
     plots/<setting>_alpha_beta.png  every trial at its (alpha, beta), coloured by val_acc
     plots/<setting>_a.png           val_acc vs `a`, AMSE's bound a_min as a vertical line
+                                  (in both, trials ASHA stopped are triangles: their score is
+                                  from an earlier epoch than the circles')
     plots/<setting>_curves.png      val_acc, test_acc, noisy_fit, memorized vs epoch of the
                                   top-5 trials: memorisation shows as noisy_fit and memorized
                                   rising while test_acc falls
@@ -21,6 +23,7 @@ rate plot when no setting has a numeric rate. Figures are built with `matplotlib
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib import ticker
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from jal_search import results
@@ -71,20 +76,30 @@ def figures(ref: Ref, scope: str = "last", last_k: int = 3) -> dict[str, Figure]
     return out
 
 
-def write_report(ref: Ref, scope: str = "last", last_k: int = 3) -> list[Path]:
-    """Write the tables, every PNG and summary.md; returns the PNGs then summary.md."""
+def write_report(
+    ref: Ref, scope: str = "last", last_k: int = 3, out: Path | None = None
+) -> list[Path]:
+    """Write the tables, every PNG and summary.md into `out` (default results/); returns the PNGs
+    then summary.md."""
     ex = results.experiment(ref)
-    tables = results.write_tables(ex, scope, last_k)
-    plots = ex.results_dir / PLOTS_DIR
+    root = out or ex.results_dir
+    tables = results.write_tables(ex, scope, last_k, root)
     written = [
-        results.atomic_write(plots / f"{stem}.png", lambda p, f=fig: f.savefig(p, format="png"))
+        results.atomic_write(
+            root / PLOTS_DIR / f"{stem}.png", lambda p, f=fig: f.savefig(p, format="png")
+        )
         for stem, fig in figures(ex, scope, last_k).items()
     ]
-    summary = _summary(ex, tables, written, scope, last_k)
-    written.append(
-        results.atomic_write(ex.results_dir / "summary.md", lambda p: p.write_text(summary))
-    )
+    summary = _summary(ex, root, tables, written, scope, last_k)
+    written.append(results.atomic_write(root / "summary.md", lambda p: p.write_text(summary)))
     return written
+
+
+def write_setting_report(ex: Experiment, setting: str, out: Path) -> list[Path]:
+    """`write_report` of one noise setting alone into `out`: its own tables, plots and summary,
+    as its MLflow parent run holds them."""
+    one = dataclasses.replace(ex, settings=[s for s in ex.settings if s.name == setting])
+    return write_report(one, out=out)
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -126,8 +141,9 @@ def _accuracy_vs_noise(ex: Experiment, best: dict[str, Selection], scope: str) -
 
 def _split(
     rows: list[dict[str, Any]], scores: dict[str, float], x: str, y: str | None
-) -> tuple[list[tuple[float, float, float]], list[tuple[float, float]]]:
-    """Points (x, y, score) of scored trials, and (x, y) of unscored ones with known params."""
+) -> tuple[list[tuple[float, float, float, bool]], list[tuple[float, float]]]:
+    """Points (x, y, score, stopped by ASHA) of scored trials, and (x, y) of unscored ones with
+    known params."""
     scored, unscored = [], []
     for r in rows:
         px = r.get(PARAM_PREFIX + x)
@@ -135,10 +151,14 @@ def _split(
         if px is None:
             continue
         if r["trial_id"] in scores and py is not None:
-            scored.append((px, py, scores[r["trial_id"]]))
+            scored.append((px, py, scores[r["trial_id"]], r["status"] == "stopped"))
         elif y is not None and py is not None:
             unscored.append((px, py))
     return scored, unscored
+
+
+# Trials ASHA stopped are scored at an earlier epoch than completed ones: another marker.
+KINDS = ((False, "o", "full budget"), (True, "v", "stopped by ASHA (scored at an earlier epoch)"))
 
 
 def _alpha_beta(
@@ -148,11 +168,28 @@ def _alpha_beta(
     ax = fig.add_subplot()
     scored, unscored = _split(rows, scores, "alpha", "beta")
     if scored:
-        xs, ys, cs = zip(*scored, strict=True)
-        dots = ax.scatter(xs, ys, c=[100 * c for c in cs], cmap="viridis", s=36, edgecolors="k")
-        fig.colorbar(dots, ax=ax, label=f"val_acc (%, {scope})")
+        colours = [100 * p[2] for p in scored]
+        norm = Normalize(min(colours), max(colours))  # one scale for both kinds
+        for stopped, marker, label in KINDS:
+            mine = [p for p in scored if p[3] == stopped]
+            if mine:
+                xs, ys, cs, _ = zip(*mine, strict=True)
+                colour = [100 * c for c in cs]
+                ax.scatter(
+                    xs,
+                    ys,
+                    c=colour,
+                    cmap="viridis",
+                    norm=norm,
+                    s=36,
+                    marker=marker,
+                    edgecolors="k",
+                    label=label,
+                )
+        fig.colorbar(ScalarMappable(norm, "viridis"), ax=ax, label=f"val_acc (%, {scope})")
     if unscored:
         ax.scatter(*zip(*unscored, strict=True), marker="x", color="grey", label="failed/diverged")
+    if scored or unscored:
         ax.legend(fontsize="small")
     _log_if_positive(ax, [p[0] for p in scored + unscored], [p[1] for p in scored + unscored])
     ax.set(xlabel="alpha", ylabel="beta", title=f"{setting}: val_acc over (alpha, beta)")
@@ -169,9 +206,11 @@ def _versus_a(
     fig = Figure(figsize=(5.6, 4.0), layout="constrained")
     ax = fig.add_subplot()
     scored, _ = _split(rows, scores, "a", None)
-    if scored:
-        xs, ys, _ = zip(*scored, strict=True)
-        ax.scatter(xs, [100 * y for y in ys], s=36, edgecolors="k", label="trials")
+    for stopped, marker, label in KINDS:
+        mine = [p for p in scored if p[3] == stopped]
+        if mine:
+            xs, ys, _, _ = zip(*mine, strict=True)
+            ax.scatter(xs, [100 * y for y in ys], s=36, marker=marker, edgecolors="k", label=label)
     if a_min is not None:
         ax.axvline(a_min, color="crimson", linestyle="--", label=f"AMSE bound a_min = {a_min:.3g}")
     _log_if_positive(ax, [p[0] for p in scored] + ([a_min] if a_min else []), [])
@@ -238,10 +277,14 @@ def _nan(value: float | None) -> float:
 
 # --------------------------------------------------------------------------------------- summary
 def _summary(
-    ex: Experiment, tables: dict[str, Path], plots: list[Path], scope: str, last_k: int
+    ex: Experiment,
+    root: Path,
+    tables: dict[str, Path],
+    plots: list[Path],
+    scope: str,
+    last_k: int,
 ) -> str:
     spec = ex.spec
-    root = ex.results_dir
     lines = [
         f"# {ex.name}: {spec.dataset} / {spec.loss}",
         "",

@@ -58,6 +58,7 @@ RESULTS_DIR = "results"
 SCOPES = ("last", "best-epoch", "last-k-mean")
 METRIC = SELECTION  # the selection metric; test_acc is reported only
 ELIGIBLE = ("completed", "stopped", "running")  # statuses that may win a selection
+TIE_RULE = "ties go to the trial that reached more epochs, then to the smaller trial id"
 PARAM_PREFIX = "param_"
 EXPORT_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -103,6 +104,8 @@ FINAL_SCHEMA = pa.schema(
     ]
 )
 
+# What a selection scores (val_acc) and reports at the same epochs.
+SCORED = ("val_acc", "test_acc", "val_acc_clean_est", "val_acc_clean_lo", "val_acc_clean_hi")
 _EPOCH_METRICS = (*(m.name for m in METRICS if "e" in m.tables), "time_total_s")
 
 
@@ -340,12 +343,15 @@ def atomic_write(target: Path, write: Callable[[Path], Any]) -> Path:
     return target
 
 
-def write_tables(ref: Ref, scope: str = "last", last_k: int = 3) -> dict[str, Path]:
-    """Write epochs.parquet, trials.parquet and best.json (the selection) into results/."""
+def write_tables(
+    ref: Ref, scope: str = "last", last_k: int = 3, out: Path | None = None
+) -> dict[str, Path]:
+    """Write epochs.parquet, trials.parquet and best.json (the selection) into `out` (default
+    results/)."""
     ex = with_trials(ref)
     epochs, trials = epochs_table(ex), trials_table(ex)
     chosen = select_best(trials, epochs, scope, last_k)
-    out = ex.results_dir
+    out = out or ex.results_dir
     return {
         "epochs": atomic_write(out / "epochs.parquet", lambda p: pq.write_table(epochs, p)),
         "trials": atomic_write(out / "trials.parquet", lambda p: pq.write_table(trials, p)),
@@ -369,6 +375,9 @@ class Selection:
     epochs: int  # epochs the trial reached
     status: str
     params: dict[str, float]
+    # val_acc_clean_est and its 95% interval at the same epoch(s) — reported only; over several
+    # epochs (last-k-mean) the means of the ends, wider than the mean's own interval
+    clean: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
 
 def recorded_config(ex: Experiment, setting: str, trial_id: str) -> TrialConfig:
@@ -394,7 +403,7 @@ def rank(
     eligible trial map to an empty list."""
     check_scope(scope, last_k)
     curves: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in epochs.select(["setting", "trial_id", "epoch", "val_acc", "test_acc"]).to_pylist():
+    for row in epochs.select(["setting", "trial_id", "epoch", *SCORED]).to_pylist():
         curves.setdefault((row["setting"], row["trial_id"]), []).append(row)
     ranked: dict[str, list[Selection]] = {}
     for t in trials.to_pylist():
@@ -408,29 +417,43 @@ def rank(
             for k, v in t.items()
             if k.startswith(PARAM_PREFIX) and v is not None
         }
+        val, test, clean = score
         candidates.append(
-            Selection(t["setting"], t["trial_id"], scope, *score, t["epochs"], t["status"], params)
+            Selection(
+                t["setting"],
+                t["trial_id"],
+                scope,
+                val,
+                test,
+                t["epochs"],
+                t["status"],
+                params,
+                clean,
+            )
         )
     for candidates in ranked.values():
         candidates.sort(key=lambda c: (-c.val_acc, -c.epochs, c.trial_id))
     return ranked
 
 
-def _score(curve: list[dict[str, Any]], scope: str, last_k: int) -> tuple[float, float] | None:
-    """(val score, matching test accuracy), or None when the scored epochs lack a finite val."""
+def _score(
+    curve: list[dict[str, Any]], scope: str, last_k: int
+) -> tuple[float, float, tuple[float, float, float]] | None:
+    """(val score, matching test accuracy, matching clean estimate and interval), or None when
+    the scored epochs lack a finite val."""
     if not curve:
         return None
     if scope == "best-epoch":
         scored = [r for r in curve if _finite(r["val_acc"])]
         if not scored:
             return None
-        top = max(scored, key=lambda r: r["val_acc"])  # max keeps the earliest on ties
-        return top["val_acc"], _nan_if_none(top["test_acc"])
-    window = curve[-1:] if scope == "last" else curve[-last_k:]
-    if not all(_finite(r["val_acc"]) for r in window):
-        return None
-    tests = [_nan_if_none(r["test_acc"]) for r in window]
-    return statistics.fmean(r["val_acc"] for r in window), statistics.fmean(tests)
+        window = [max(scored, key=lambda r: r["val_acc"])]  # max keeps the earliest on ties
+    else:
+        window = curve[-1:] if scope == "last" else curve[-last_k:]
+        if not all(_finite(r["val_acc"]) for r in window):
+            return None
+    val, test, *clean = (statistics.fmean(_nan_if_none(r[k]) for r in window) for k in SCORED)
+    return val, test, (clean[0], clean[1], clean[2])
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -466,10 +489,17 @@ def _selection_doc(chosen: dict[str, Selection], scope: str, last_k: int) -> dic
                 "epochs": s.epochs,
                 "status": s.status,
                 "params": s.params,
+                "val_acc_clean_est": dict(zip(("estimate", "low", "high"), s.clean, strict=True)),
             }
             for name, s in chosen.items()
         },
     }
+
+
+def clean_text(clean: tuple[float, float, float]) -> str:
+    """val_acc_clean_est and its interval as `0.9123 [0.8950, 0.9290]`; `–` when undefined."""
+    est, lo, hi = clean
+    return "–" if not _finite(est) else f"{est:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
 def scope_label(scope: str, last_k: int) -> str:
@@ -486,7 +516,9 @@ def top_table(ref: Ref, k: int = 5, scope: str = "last", last_k: int = 3) -> str
         statuses.setdefault(row["setting"], []).append(row["status"])
     lines = [
         f"selection: {METRIC} on {ex.spec.val_labels} validation labels, scope "
-        f"{scope_label(scope, last_k)}; test_acc is reported only"
+        f"{scope_label(scope, last_k)}; {TIE_RULE}; test_acc is reported only",
+        "clean est: the validation accuracy on clean labels estimated from val_acc through the "
+        "noise's transition matrix, with its 95% interval (– where the matrix is unknown)",
     ]
     for setting, candidates in ranked.items():
         counts = ", ".join(
@@ -496,13 +528,16 @@ def top_table(ref: Ref, k: int = 5, scope: str = "last", last_k: int = 3) -> str
         if not candidates:
             lines.append("  no eligible trial (all failed or diverged)")
             continue
-        header = f"{'#':>2} {'trial':10} {'val_acc':>8} {'test_acc':>8} {'epochs':>6}  params"
+        header = (
+            f"{'#':>2} {'trial':10} {'val_acc':>8} {'clean est [95%]':>23} {'test_acc':>8} "
+            f"{'epochs':>6}  params"
+        )
         lines.append("  " + header)
         for i, c in enumerate(candidates[:k], 1):
             params = ", ".join(f"{p}={v:.4g}" for p, v in sorted(c.params.items()))
             lines.append(
-                f"  {i:>2} {c.trial_id:10} {c.val_acc:8.4f} {c.test_acc:8.4f} {c.epochs:6d}  "
-                f"{params}"
+                f"  {i:>2} {c.trial_id:10} {c.val_acc:8.4f} {clean_text(c.clean):>23} "
+                f"{c.test_acc:8.4f} {c.epochs:6d}  {params}"
             )
     return "\n".join(lines)
 

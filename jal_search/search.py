@@ -280,7 +280,7 @@ def _session(
 def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any) -> None:
     from jal_search import tune_adapter
 
-    tracker.start(exp.read_manifest(path), background=True)
+    tracker.start(exp.read_manifest(path), background=True, path=path)
     if any(s["status"] != "done" for s in exp.read_manifest(path)["settings"]):
         started: set[str] = set()
 
@@ -302,7 +302,7 @@ def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any)
 
 
 def _sync_quietly(tracker: Any, path: Path) -> None:
-    """Sync MLflow after a setting; an outage only delays it (`jal-search sync` finishes it)."""
+    """Sync MLflow after the search; an outage only delays it (`jal-search sync` finishes it)."""
     try:
         tracker.sync(path)
     except UserError as err:
@@ -318,9 +318,16 @@ def summary_table(path: Path) -> str:
     rows = best_trials(path)
     if not rows:
         return "no finished trials yet"
-    lines = ["best config per noise setting (selected on val_acc; test_acc reported only):"]
-    lines.append(f"  {'setting':16} {'val_acc':>8} {'test_acc':>8} {'epochs':>6}  params")
+    lines = [
+        "best config per noise setting (selected on val_acc; test_acc and the clean-label "
+        "estimate of val_acc reported only):",
+        f"  {'setting':16} {'val_acc':>8} {'clean est [95%]':>23} {'test_acc':>8} {'epochs':>6}"
+        "  params",
+    ]
     for b in rows:
         params = ", ".join(f"{k}={v:.4g}" for k, v in sorted(b.params.items()))
-        lines.append(f"  {b.setting:16} {b.val_acc:8.4f} {b.test_acc:8.4f} {b.epochs:6d}  {params}")
+        lines.append(
+            f"  {b.setting:16} {b.val_acc:8.4f} {results.clean_text(b.clean):>23} "
+            f"{b.test_acc:8.4f} {b.epochs:6d}  {params}"
+        )
     return "\n".join(lines)

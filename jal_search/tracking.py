@@ -14,18 +14,29 @@ new search that reuses a name gets new runs instead of merging into the old ones
 "<setting>/<trial_id>"` and `mlflow.parentRunId`. One `search_runs` over the experiment recovers
 them all after a restart; the first created wins should duplicates ever exist.
 
-Parents hold the spec (flattened params with dotted keys, and `spec.yaml`), the AMSE bound used
-(`jal.a_min`, `jal.amse_bound`) and, once the setting is done, its best trial by last-epoch
-val_acc (`search.best_trials`): params `best.<name>`, metrics `best_val_acc`, `best_test_acc`,
-`best_epochs`, tag `jal.best_trial`; and the files under `<experiment>/results/` (tables, plots,
-the multi-seed table) as artifacts under `results/`. Children hold the sampled params, per-epoch
-METRICS, and tags for seed, noise, realised noise rate, label hash, validation-label mode, git
-SHA and versions.
+What a person sees in the UI: the experiment is marked as model training
+(`mlflow.experimentKind`), so it opens on its runs table, and its description
+(`mlflow.note.content`) says what the runs are, how the best is chosen and what to chart. Every
+run carries `mlflow.source.*` and `mlflow.user`, and a description of its own.
 
-Status mapping (the exact status is always in the `jal.status` tag):
-completed → FINISHED; stopped (by ASHA, a normal early end) → KILLED, so the UI tells it apart
-from a full-budget trial; diverged / failed → FAILED; running → left RUNNING. A parent ends
-FINISHED when its setting is done.
+Parents hold the spec (flattened params with dotted keys, and `spec.yaml` without unset fields),
+the AMSE bound used (`jal.a_min`, `jal.amse_bound`) and, once the setting is done, its best trial
+by last-epoch val_acc (`results.rank`; ties go to more epochs, then the smaller trial id):
+params `best.<name>`, metrics `best_val_acc`, `best_test_acc`, `best_epochs` and
+`best_val_acc_clean_est/lo/hi`, tag `jal.best_trial`, a description naming any tie; and the
+setting's own tables, plots and summary (`report.write_setting_report`) under `results/`, logged
+as the setting ends (live: when its last trial ends in a run that started it; else the next sync).
+Files the user made for the whole search (`jal-search report/results/evaluate`) go to every parent
+under `search/`. Children hold the sampled params, per-epoch METRICS (timestamps: the journal's),
+tags for seed, noise, realised noise rate, label hash, validation-label mode, git SHA and
+versions, and start when the trial started (its journal's header) and end at its last epoch. The
+best child is tagged `jal.best=true`.
+
+Status mapping (the exact status is always in the `jal.status` tag, and the run's description
+says it in words, e.g. "stopped by ASHA at epoch 1 (rung 1 of 2)"):
+completed → FINISHED; stopped (by ASHA, a normal early end) → FINISHED too, as Ray's own MLflow
+callback does, so it is not drawn as a crash; diverged / failed → FAILED; running → left RUNNING.
+A parent ends FINISHED when its setting is done.
 
 Outage: a live call that fails never raises into Tune. The tracker warns once per outage (one
 line on stderr), sets `behind`, keeps the unconfirmed results in memory and retries at most every
@@ -42,16 +53,21 @@ messages. Only `MlflowClient` is used: no global tracking URI, no active run, no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import getpass
+import hashlib
 import json
+import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -59,15 +75,29 @@ import yaml
 from jal_search import experiment as exp
 from jal_search import metrics
 from jal_search.errors import UserError
+from jal_search.journal import read_journal
+
+if TYPE_CHECKING:
+    from jal_search.results import Experiment, Selection, Setting
 
 METRICS = tuple(m.name for m in metrics.METRICS if m.tracked)  # logged per epoch
 MLFLOW_STATUS = {
     "completed": "FINISHED",
-    "stopped": "KILLED",
+    "stopped": "FINISHED",
     "diverged": "FAILED",
     "failed": "FAILED",
 }
 SPEC_ARTIFACT = "spec.yaml"
+BEST_CLEAN = ("best_val_acc_clean_est", "best_val_acc_clean_lo", "best_val_acc_clean_hi")
+RESULTS_ARTIFACTS, SEARCH_ARTIFACTS = "results", "search"  # a setting's own; the whole search's
+# The UI opens an experiment of this kind on its runs table (not the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CHARTS = (
+    "Charts: train_loss is not comparable across trials (AMSE adds β(a²−2a)/K, which grows with "
+    "a): compare val_acc, val_acc_clean_est and noisy_fit instead. In Compare → Parallel "
+    "coordinates, choose the params alpha, beta, a (log-uniform: read them on a log scale) and "
+    "the metric val_acc; MLflow keeps that choice in the browser, it cannot be set when logging."
+)
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # MLflow's limits (mlflow.utils.validation): per log_batch call, and value lengths.
 MAX_PARAMS_TAGS, MAX_ENTITIES = 100, 1000
@@ -157,16 +187,23 @@ class Tracker:
         self._warned = False
         self._busy = threading.Lock()  # one MLflow caller at a time: the driver or the starter
         self._starter: threading.Thread | None = None
+        self._path: Path | None = None  # the experiment folder: journals, and settings' reports
+        self._ended: dict[str, dict[str, str]] = {}  # live: setting → {trial id: status}
 
     # ---- live path: never raises -------------------------------------------------------------
 
-    def start(self, manifest: dict[str, Any], background: bool = False) -> None:
+    def start(
+        self, manifest: dict[str, Any], background: bool = False, path: Path | None = None
+    ) -> None:
         """Ensure the experiment and one parent run per noise setting.
 
         `background`: in a thread, so that a new store's set-up (seconds for SQLite's schema)
         overlaps the search's start; live results queue meanwhile, and `sync` waits for it.
+        `path`: the experiment folder, where runs take their times from the trials' journals and
+        each setting's report is made as it ends.
         """
         self._manifest = manifest
+        self._path = path
         if background:
             self._starter = threading.Thread(
                 target=self._live, args=(self._start_parents,), daemon=True
@@ -191,6 +228,45 @@ class Tracker:
             raise ValueError(f"status {status!r}: expected one of {sorted(MLFLOW_STATUS)}")
         self._queue(setting, trial_id, {}).status = status
         self._live(self._flush)
+        ended = self._ended.setdefault(setting, {})
+        ended[trial_id] = status
+        if self._path is not None and len(ended) == self._expected(setting):
+            self._live(lambda: self._finish_live(setting))
+
+    def _expected(self, setting: str) -> int:
+        """How many (member) trials the setting runs; a pack counts its members."""
+        from jal_search.spec import fixed_configs, parse_spec, plan
+
+        trials = int(self._setting(setting)["trials"])
+        spec = parse_spec(self.manifest["spec"], where="experiment.json")
+        if spec.pack <= 1:
+            return trials
+        return len(fixed_configs(spec, next(p for p in plan(spec) if p.name == setting)))
+
+    def _finish_live(self, setting: str) -> None:
+        """The setting's last trial has ended: its best trial and report, its parent ended.
+
+        The manifest marks it done only when the whole search ends; here it is read as done,
+        with the failures this tracker saw (their reasons reach MLflow at that end's sync).
+        """
+        from jal_search import results
+
+        assert self._path is not None
+        ex = results.load_experiment(self._path)
+        ended = self._ended[setting]
+        settings = []
+        for s in ex.settings:
+            if s.name == setting:
+                trials = [
+                    dataclasses.replace(r, error=r.error or "the reason reaches MLflow at the end")
+                    if ended.get(r.trial_id) == "failed"
+                    else r
+                    for r in s.trials
+                ]
+                s = dataclasses.replace(s, status="done", trials=trials)
+            settings.append(s)
+        ex = dataclasses.replace(ex, settings=settings)
+        self._complete_setting(ex, setting, SyncReport())
 
     def _queue(self, setting: str, trial_id: str, params: dict[str, Any]) -> _Pending:
         pending = self._pending.setdefault(
@@ -245,34 +321,24 @@ class Tracker:
         """
         from mlflow.exceptions import MlflowException
 
-        from jal_search.search import best_trials
+        from jal_search import results
 
         if self._starter is not None:
             self._starter.join()
-        manifest = exp.read_manifest(path)
-        self._manifest = manifest
-        max_epochs = manifest["spec"]["budget"]["epochs"]
-        best = {b.setting: b for b in best_trials(path)}
+        ex = results.load_experiment(path)
+        self._manifest, self._path = ex.manifest, path
         report = SyncReport()
         try:
             with _mlflow_settings(SYNC_RETRIES):
-                for entry in manifest["settings"]:
-                    name, done = entry["name"], entry["status"] == "done"
-                    self._complete_parent(entry, best.get(name) if done else None, done, report)
-                    for record in exp.read_trials(path, name, entry.get("failures", {})):
-                        status = record.status(max_epochs, done)
-                        final = None if status == "running" else status
-                        self._trial(
-                            name,
-                            record.trial_id,
-                            record.config,
-                            record.history,
-                            final,
-                            report,
-                            failure=record.error,
-                        )
+                for s in ex.settings:
+                    if s.status == "done":
+                        self._complete_setting(ex, s.name, report)
+                        continue
+                    self._complete_parent(s.name, {}, {}, [], report)
+                    for record in s.trials:
+                        self._record(s.name, record, False, report)
                 self._flush(report)  # results the live path saw that are not on disk yet
-                self._publish_results(path / "results")
+                self._publish_results(path / results.RESULTS_DIR)
         except (MlflowException, OSError) as err:
             self.behind = True
             self._forget()
@@ -285,11 +351,11 @@ class Tracker:
         return report
 
     def _publish_results(self, folder: Path) -> None:
-        """Attach the search's tables, plots and summary (`jal-search results/report/evaluate`)
-        to every parent, so each setting's view in the UI is complete; re-logging overwrites."""
+        """Attach what the user made of the whole search (`jal-search results/report/evaluate`:
+        tables, plots, the multi-seed table) to every parent; re-logging overwrites."""
         if folder.is_dir() and any(folder.iterdir()):
             for run in self._parents.values():
-                self.client.log_artifacts(run.run_id, str(folder), "results")
+                self.client.log_artifacts(run.run_id, str(folder), SEARCH_ARTIFACTS)
 
     def _record_run_ids(self, path: Path) -> None:
         runs: dict[str, dict[str, str]] = {}
@@ -352,10 +418,12 @@ class Tracker:
         self._indexed = True
 
     def _experiment(self) -> str:
+        """The experiment's id, created if missing, with its kind and description."""
+        tags = {**EXPERIMENT_KIND, "mlflow.note.content": self._experiment_note()}
         found = self.client.get_experiment_by_name(self.experiment_name)
         if found is None:
             return self.client.create_experiment(
-                self.experiment_name, artifact_location=_artifact_location(self.uri)
+                self.experiment_name, artifact_location=_artifact_location(self.uri), tags=tags
             )
         if found.lifecycle_stage == "deleted":
             raise UserError(
@@ -363,7 +431,27 @@ class Tracker:
                 f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) or track "
                 "under another name"
             )
+        for key, value in tags.items():
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
+
+    def _experiment_note(self) -> str:
+        from jal_search.results import TIE_RULE
+
+        spec = self.manifest["spec"]
+        noise = ", ".join(s["name"] for s in self.manifest["settings"])
+        return _clip(
+            f"jal-search: {spec['loss']} on {spec['dataset']}, noise settings {noise}. One parent "
+            "run per noise setting (its best trial, tables and plots under results/), a child "
+            "run per trial nested under it. Status: FINISHED with jal.status=stopped is a trial "
+            "ASHA ended early (normal); FAILED is an error or a diverged loss. The best trial of "
+            f"a setting has the highest val_acc at its last epoch ({TIE_RULE}) and the tag "
+            f"jal.best=true. val_acc is scored on {spec.get('val_labels', 'noisy')} validation "
+            "labels; val_acc_clean_est estimates it on clean labels (95% interval: _lo, _hi). "
+            f"{CHARTS}",
+            MAX_TAG_LENGTH,
+        )
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -389,7 +477,9 @@ class Tracker:
         self._index()
         run = self._parents.get(setting)
         if run is None:
-            run = self._create(setting, self._parent_tags(setting), _iso_ms(self.manifest))
+            tags = self._parent_tags(setting)
+            tags["mlflow.note.content"] = self._parent_note(setting, "trials still to run")
+            run = self._create(setting, tags, _iso_ms(self.manifest))
             self._parents[setting] = run
             report.runs_created += 1
             report.params_logged += self._log(run, _flatten(self._spec()), {}, [])
@@ -397,21 +487,19 @@ class Tracker:
         return run
 
     def _complete_parent(
-        self, entry: dict[str, Any], best: Any, done: bool, report: SyncReport
-    ) -> None:
-        """Everything a parent should hold: spec, best trial (done settings), final status."""
-        run = self._parent(entry["name"], report)
-        params = _flatten(self._spec())
-        tags = self._parent_tags(entry["name"])
-        metrics: list[Any] = []
-        if best is not None:
-            params.update(_flatten({"best": best.params}))
-            tags["jal.best_trial"] = best.trial_id
-            values = {"best_val_acc": best.val_acc, "best_test_acc": best.test_acc}
-            values["best_epochs"] = best.epochs
-            metrics = [_metric(k, v, 0, 0) for k, v in values.items() if k not in run.metric_keys]
-        if done:
-            tags["jal.status"] = "done"
+        self,
+        setting: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        metrics: list[Any],
+        report: SyncReport,
+    ) -> _Run:
+        """The parent with its spec, tags, description and spec.yaml, plus `params`, `tags` and
+        `metrics` (a done setting's best trial); only what MLflow lacks is sent."""
+        run = self._parent(setting, report)
+        params = {**_flatten(self._spec()), **params}
+        tags = {**self._parent_tags(setting), **tags}
+        tags.setdefault("mlflow.note.content", self._parent_note(setting, "trials still to run"))
         new_params = {k: v for k, v in params.items() if k not in run.params}
         new_tags = {k: v for k, v in tags.items() if run.tags.get(k) != v}
         report.params_logged += self._log(run, new_params, new_tags, metrics)
@@ -420,13 +508,107 @@ class Tracker:
             run.spec_logged = any(f.path == SPEC_ARTIFACT for f in files)
         if not run.spec_logged:
             self._log_spec(run)
-        if done and run.status != "FINISHED":
+        return run
+
+    def _complete_setting(self, ex: Experiment, setting: str, report: SyncReport) -> None:
+        """A done setting: every child with its final status (the best one tagged and described
+        as such), the parent with the best trial and the setting's report, then ended."""
+        from jal_search import results
+
+        s = next(s for s in ex.settings if s.name == setting)
+        one = dataclasses.replace(ex, settings=[s])
+        ranked = results.rank(results.trials_table(one), results.epochs_table(one))[setting]
+        best = ranked[0] if ranked else None
+        ties = [c.trial_id for c in ranked if best and c.val_acc == best.val_acc]
+        tie = (
+            f" {len(ties)} trials tie at val_acc {best.val_acc:.4f} ({', '.join(ties)}): "
+            f"{results.TIE_RULE}."
+            if best and len(ties) > 1
+            else ""
+        )
+        note = (
+            f"Best trial of {setting} by val_acc at its last epoch ({ex.spec.val_labels} "
+            f"validation labels).{tie}"
+        )
+        for record in s.trials:
+            winner = best is not None and record.trial_id == best.trial_id
+            self._record(setting, record, True, report, note if winner else None)
+        params: dict[str, str] = {}
+        tags = {"jal.status": "done"}
+        metrics: list[Any] = []
+        run = self._parent(setting, report)
+        if best is not None:
+            params = _flatten({"best": best.params})
+            tags["jal.best_trial"] = best.trial_id
+            if run.tags.get("jal.best_trial") != best.trial_id:  # new, or another after extend
+                now = int(time.time() * 1000)
+                values = {
+                    "best_val_acc": best.val_acc,
+                    "best_test_acc": best.test_acc,
+                    "best_epochs": best.epochs,
+                    **dict(zip(BEST_CLEAN, best.clean, strict=True)),
+                }
+                metrics = [_metric(k, v, now, 0) for k, v in values.items() if math.isfinite(v)]
+        tags["mlflow.note.content"] = self._parent_note(setting, _outcome(s, ex, best, tie))
+        run = self._complete_parent(setting, params, tags, metrics, report)
+        self._log_report(ex, setting, run)
+        if run.status != "FINISHED":
             self.client.set_terminated(run.run_id, "FINISHED")
             run.status = "FINISHED"
             report.runs_ended += 1
 
+    def _log_report(self, ex: Experiment, setting: str, run: _Run) -> None:
+        """The setting's own tables, plots and summary under `results/`, made and logged again
+        only when its trials changed (the tag `jal.report` holds what they were)."""
+        from jal_search.report import write_setting_report
+
+        s = next(s for s in ex.settings if s.name == setting)
+        if not s.trials:
+            return
+        max_epochs = ex.spec.budget.epochs
+        state = [
+            (r.trial_id, len(r.history), r.status(max_epochs, True), r.error) for r in s.trials
+        ]
+        digest = hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
+        if run.tags.get("jal.report") == digest:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_setting_report(ex, setting, Path(tmp))
+            self.client.log_artifacts(run.run_id, tmp, RESULTS_ARTIFACTS)
+        self._log(run, {}, {"jal.report": digest}, [])
+
+    def _record(
+        self,
+        setting: str,
+        record: exp.TrialRecord,
+        done: bool,
+        report: SyncReport,
+        best: str | None = None,
+    ) -> None:
+        """One trial as its journal has it: `_trial` with its final status (None: running)."""
+        status = record.status(self.manifest["spec"]["budget"]["epochs"], done)
+        final = None if status == "running" else status
+        self._trial(
+            setting,
+            record.trial_id,
+            record.config,
+            record.history,
+            final,
+            report,
+            failure=record.error,
+            best=best,
+        )
+
+    def _parent_note(self, setting: str, outcome: str) -> str:
+        """A parent's description: the spec's own, what the setting is, how it turned out."""
+        description = self.manifest["spec"].get("description")
+        entry = self._setting(setting)
+        bound = f" AMSE's bound a_min = {entry['a_min']:.3g}." if entry.get("a_min") else ""
+        text = f"Noise setting {setting}: {outcome}.{bound} {CHARTS}"
+        return _clip(f"{description}\n\n{text}" if description else text, MAX_TAG_LENGTH)
+
     def _log_spec(self, run: _Run) -> None:
-        text = yaml.safe_dump(self._spec(), sort_keys=False)
+        text = yaml.safe_dump(_compact(self._spec()), sort_keys=False)
         self.client.log_text(run.run_id, text, SPEC_ARTIFACT)
         run.spec_logged = True
 
@@ -439,10 +621,12 @@ class Tracker:
         status: str | None,
         report: SyncReport,
         failure: str | None = None,
+        best: str | None = None,
     ) -> None:
         """Create or complete one child run: tags, missing params, missing steps, final status.
 
-        `failure` is why a failed trial failed (the manifest's reason), kept as `jal.failure`.
+        `failure` is why a failed trial failed (the manifest's reason), kept as `jal.failure`;
+        `best` says why the trial is its setting's best (None: it is not).
         """
         parent = self._parent(setting, report)
         tags = self._child_tags(setting, trial_id, parent.run_id, results[0] if results else {})
@@ -450,10 +634,13 @@ class Tracker:
             tags["jal.status"] = status
         if failure:
             tags["jal.failure"] = _clip(failure, MAX_TAG_LENGTH)
+        if best:
+            tags["jal.best"] = "true"
+        started, stamps = self._journal_times(setting, trial_id)
         key = f"{setting}/{trial_id}"
         run = self._children.get(key)
         if run is None:
-            start = _result_ms(results[0]) if results else None
+            start = started or (_result_ms(results[0]) if results else None)
             run = self._children[key] = self._create(trial_id, tags, start)
             report.runs_created += 1
         if run.steps is None:
@@ -465,19 +652,46 @@ class Tracker:
             }
         metrics = []
         for result in results:
-            step, ms = _step(result), _result_ms(result)
+            step = _step(result)
+            ms = stamps.get(step) or _result_ms(result)
             for k in METRICS:
                 if isinstance(result.get(k), int | float) and step not in run.steps[k]:
                     metrics.append(_metric(k, result[k], ms, step))
+        if status is not None:
+            steps = [m.step for m in metrics] + [s for v in run.steps.values() for s in v]
+            note = _child_note(status, max(steps, default=0), failure, self.manifest["spec"])
+            tags["mlflow.note.content"] = _clip(f"{best} {note}" if best else note, MAX_TAG_LENGTH)
         new_params = {k: v for k, v in _flatten(params).items() if k not in run.params}
         new_tags = {k: v for k, v in tags.items() if run.tags.get(k) != v}
         report.params_logged += self._log(run, new_params, new_tags, metrics)
         report.metrics_logged += len(metrics)
+        if not best and "jal.best" in run.tags:  # no longer the best (`extend` found a better)
+            self.client.delete_tag(run.run_id, "jal.best")
+            del run.tags["jal.best"]
         if status is not None and run.status != MLFLOW_STATUS[status]:
-            end = _result_ms(results[-1]) if results else None
+            end = max(stamps.values(), default=None) or (
+                _result_ms(results[-1]) if results else None
+            )
             self.client.set_terminated(run.run_id, MLFLOW_STATUS[status], end_time=end)
             run.status = MLFLOW_STATUS[status]
             report.runs_ended += 1
+
+    def _journal_times(self, setting: str, trial_id: str) -> tuple[int | None, dict[int, int]]:
+        """When the trial started and each epoch ended (ms), from its journal: exact on the live
+        path too, where Tune's result timestamps are whole seconds. Nothing without a journal."""
+        if self._path is None:
+            return None, {}
+        header, rows = read_journal(self._path / setting / trial_id)
+        stamps = {
+            int(r["epoch"]): int(r["timestamp"] * 1000)
+            for r in rows
+            if isinstance(r.get("timestamp"), int | float)
+        }
+        started = (header or {}).get("started")
+        if not isinstance(started, int | float) and rows and 1 in stamps:
+            # a journal without `started` (older versions): the first epoch's end less its time
+            started = stamps[1] / 1000 - float(rows[0].get("epoch_seconds", 0.0))
+        return (int(started * 1000) if isinstance(started, int | float) else None), stamps
 
     def _log(self, run: _Run, params: dict[str, str], tags: dict[str, str], metrics: list) -> int:
         """Send params, tags and metrics in as few `log_batch` calls as MLflow's limits allow."""
@@ -519,6 +733,11 @@ class Tracker:
             "jal.noise_rate": entry.get("rate"),
             "jal.git_sha": manifest.get("git_sha"),
             **{f"jal.version.{k}": v for k, v in manifest.get("versions", {}).items()},
+            # the UI's Source and Created by columns
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"jal-search run {manifest.get('spec_source', '')}".strip(),
+            "mlflow.source.git.commit": manifest.get("git_sha"),
+            "mlflow.user": _user(),
         }
         return {k: _clip(str(v), MAX_TAG_LENGTH) for k, v in tags.items() if v is not None}
 
@@ -530,7 +749,6 @@ class Tracker:
             "jal.dataset": spec.get("dataset"),
             "jal.a_min": entry.get("a_min"),
             "jal.amse_bound": entry.get("amse_bound"),
-            "mlflow.note.content": spec.get("description") or None,
         }
         extra = {k: _clip(str(v), MAX_TAG_LENGTH) for k, v in extra.items() if v is not None}
         return {**self._common_tags(setting), **extra}
@@ -630,3 +848,65 @@ def _mlflow_settings(retries: int) -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (e.g. in a container)
+        return None
+
+
+def _compact(data: Any) -> Any:
+    """`data` without None values and the mappings they empty: only what the user set."""
+    if not isinstance(data, dict):
+        return data
+    kept = {k: _compact(v) for k, v in data.items() if v is not None}
+    return {k: v for k, v in kept.items() if v != {}}
+
+
+def _child_note(status: str, epochs: int, failure: str | None, spec: dict[str, Any]) -> str:
+    """A child's description: how the trial ended, in words."""
+    budget = spec["budget"]["epochs"]
+    if status == "completed":
+        return f"Completed all {budget} epochs."
+    if status == "diverged":
+        return f"Diverged at epoch {epochs}: the training loss was not finite (FAILED)."
+    if status == "failed":
+        return f"Failed after {epochs} epoch{'' if epochs == 1 else 's'}: {failure or 'error'}."
+    rungs = _asha_rungs(spec)
+    if epochs in rungs:
+        return (
+            f"Stopped by ASHA at epoch {epochs} (rung {rungs.index(epochs) + 1} of {len(rungs)}): "
+            "it trailed the setting's other trials there. A normal early end, not a failure; "
+            f"its val_acc is from epoch {epochs} of {budget}."
+        )
+    return f"Stopped early at epoch {epochs} of {budget}."
+
+
+def _asha_rungs(spec: dict[str, Any]) -> list[int]:
+    """The epochs where ASHA may stop a trial: grace·rf^k below the budget, as Ray's
+    ASHAScheduler places its rungs (time_attr epoch, max_t the budget)."""
+    scheduler, budget = spec.get("scheduler") or {}, spec["budget"]["epochs"]
+    if scheduler.get("type", "asha") != "asha":
+        return []
+    grace, rf = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 6.0)
+    count = int(math.log(budget / grace) / math.log(rf) + 1)
+    # A trial is judged at the first epoch at or past a rung: ceil of a fractional one.
+    return [math.ceil(grace * rf**k) for k in range(count) if grace * rf**k < budget]
+
+
+def _outcome(s: Setting, ex: Experiment, best: Selection | None, tie: str) -> str:
+    """How a done setting turned out, for its parent's description."""
+    from jal_search.results import clean_text
+
+    statuses = [r.status(ex.spec.budget.epochs, True) for r in s.trials]
+    counts = ", ".join(f"{statuses.count(x)} {x}" for x in exp.STATUSES if x in statuses)
+    text = f"{len(statuses)} trials ({counts})"
+    if best is None:
+        return f"{text}; no eligible trial (all failed or diverged)"
+    return (
+        f"{text}. Best: {best.trial_id} (tag jal.best=true), val_acc {best.val_acc:.4f} on "
+        f"{ex.spec.val_labels} validation labels at its last epoch ({best.epochs}), estimated "
+        f"clean val_acc {clean_text(best.clean)}, test_acc {best.test_acc:.4f}.{tie}"
+    )

@@ -55,7 +55,7 @@ from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics
 from jal_search.models import build_model
-from jal_search.noise import corrupt_labels, label_hash, realised_rate
+from jal_search.noise import corrupt_labels, label_hash, realised_rate, validation_transition
 from jal_search.profiles import Profile, get_profile
 
 Metrics = dict[str, float]
@@ -246,6 +246,9 @@ def run_trial(
             device=device,
         )
     test_batches = eval_loader(ds, None, None, batch_size=profile.eval_batch_size, device=device)
+    transition = validation_transition(
+        cfg.noise_type, cfg.noise_rate, ds.num_classes, cfg.dataset, cfg.val_labels
+    )
 
     status = "completed"
     for epoch in range(start, cfg.epochs):
@@ -266,8 +269,9 @@ def run_trial(
             train_loss=train_loss,
             noisy_fit=sums.fit.item() / max(len(data.train_idx), 1),
             memorized=sums.memo.item() / n_wrong if n_wrong else math.nan,
-            val_acc=accuracy(net, val_batches, bf16) if val_batches and not diverged else math.nan,
-            test_acc=accuracy(net, test_batches, bf16) if not diverged else math.nan,
+            val_counts=confusion(net, val_batches, bf16) if val_batches and not diverged else None,
+            test_counts=confusion(net, test_batches, bf16) if not diverged else None,
+            transition=transition,
             lr=lr,
             noise_realised=data.noise_rate,
             epoch_seconds=time.perf_counter() - began,
@@ -360,18 +364,20 @@ def _image_shape(ds: Any) -> tuple[int, int]:
     return 3, int(ds.image_size)
 
 
-def accuracy(model: torch.nn.Module, loader: Any, bf16: bool = False) -> float:
-    """Top-1 accuracy of `model` over `loader` in eval mode (one device→host sync)."""
+def confusion(model: torch.nn.Module, loader: Any, bf16: bool = False) -> np.ndarray:
+    """Counts [label, predicted] of `model` over `loader` in eval mode (one device→host sync):
+    the accuracy is their trace over their sum, and the clean-accuracy estimate needs them all."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.long)
-    total = 0
+    counts = torch.zeros((), dtype=torch.long)
+    k = 0
     with torch.inference_mode():
         for images, labels in loader.batches(0):
             with autocast(images, bf16):
-                predicted = model(images).argmax(1)
-            correct = correct.to(labels.device) + (predicted == labels).sum()
-            total += len(labels)
-    return correct.item() / max(total, 1)
+                logits = model(images)
+            k = logits.shape[-1]
+            pairs = labels * k + logits.argmax(1)
+            counts = counts.to(labels.device) + torch.bincount(pairs, minlength=k * k)
+    return counts.cpu().numpy().reshape(k, k)
 
 
 def autocast(images: torch.Tensor, bf16: bool) -> torch.autocast:

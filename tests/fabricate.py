@@ -37,6 +37,9 @@ SPEC: dict[str, Any] = {  # the shipped smoke spec's shape: digits, JAL-CE, two 
 }
 
 
+STARTED = 1_795_480_197.25  # every fabricated trial's start (its journal's header); epochs 1.5 s
+
+
 @dataclass(frozen=True)
 class FakeTrial:
     """One trial: its sampled parameters and val_acc per epoch reached."""
@@ -59,6 +62,9 @@ class FakeTrial:
                     "noisy_fit": 0.3 + 0.1 * i,
                     "memorized": 0.02 * i,
                     "val_acc": math.nan if broken else val,
+                    "val_acc_clean_est": math.nan if broken else clean_estimate(val),
+                    "val_acc_clean_lo": math.nan if broken else clean_estimate(val) - 0.05,
+                    "val_acc_clean_hi": math.nan if broken else clean_estimate(val) + 0.05,
                     "test_acc": math.nan if broken else clean_acc(val),
                     "lr": 0.05 / i,
                     "noise_realised": 0.37,
@@ -66,10 +72,15 @@ class FakeTrial:
                     "diverged": 1.0 if broken else 0.0,
                     "label_hash": f"hash-{setting}",
                     "node_id": "fab",
-                    "timestamp": 1_795_480_198 + i,
+                    "timestamp": STARTED + 1.5 * i,
                 }
             )
         return rows
+
+
+def clean_estimate(val: float) -> float:
+    """The fabricated val_acc_clean_est of an epoch: above val_acc, as under label noise."""
+    return 0.25 + val / 2
 
 
 def clean_acc(val: float) -> float:
@@ -108,6 +119,7 @@ def fabricate(
                 "setting": setting,
                 "params": fake.params,
                 "config": config.model_dump(mode="json"),
+                "started": STARTED,
             }
             lines = (json.dumps(e) for e in [{"header": header}, *fake.rows(setting)])
             folder = path / setting / fake.trial_id

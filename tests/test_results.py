@@ -254,12 +254,14 @@ def test_top_table_lists_the_ranking_with_scope_and_counts(path):
         ("1", "b0000002", "0.9500"),
         ("2", "c0000003", "0.8600"),
     ]
+    # the clean-label estimate and its interval at the scored epoch (fabricate: 0.25 + val/2)
+    assert " ".join(lines[0][3:6]) == "0.7250 [0.6750, 0.7750]"
 
 
 def test_search_best_trials_uses_the_last_scope(path):
     best = {b.setting: b for b in search.best_trials(path)}
     assert (best[SYM].trial_id, best[ASYM].trial_id) == ("a0000001", "h0000008")
-    line = f"{SYM}      0.8000   0.9000      4  a=10, alpha=2, beta=0.5"
+    line = f"{SYM}      0.8000 0.6500 [0.6000, 0.7000]   0.9000      4  a=10, alpha=2, beta=0.5"
     assert line in search.summary_table(path)
 
 
@@ -443,15 +445,20 @@ def test_figures_carry_the_data(path):
     last = {t: fake(t).val_acc[-1] for t in eligible}
 
     ax = figures[f"{SYM}_alpha_beta"].axes[0]
-    dots, crosses = ax.collections
-    assert sorted(map(tuple, dots.get_offsets())) == sorted(
-        (fake(t).params["alpha"], fake(t).params["beta"]) for t in eligible
-    )
-    assert sorted(dots.get_array()) == pytest.approx(sorted(100 * v for v in last.values()))
+    full, stopped, crosses = ax.collections
+    # f0000006 (1 epoch) was stopped by ASHA: apart, its score being from an earlier epoch
+    assert [c.get_label() for c in (full, stopped)] == [label for _, _, label in report.KINDS]
+    for dots, ids in ((full, eligible[:3]), (stopped, ["f0000006"])):
+        assert sorted(map(tuple, dots.get_offsets())) == sorted(
+            (fake(t).params["alpha"], fake(t).params["beta"]) for t in ids
+        )
+        assert sorted(dots.get_array()) == pytest.approx(sorted(100 * last[t] for t in ids))
+        assert dots.norm.vmin == pytest.approx(100 * min(last.values()))  # one colour scale
     assert len(crosses.get_offsets()) == 2  # the failed and the diverged trial
 
     ax = figures[f"{SYM}_a"].axes[0]
-    assert len(ax.collections[0].get_offsets()) == len(eligible)
+    assert [len(c.get_offsets()) for c in ax.collections] == [3, 1]
+    assert ax.collections[1].get_label().startswith("stopped by ASHA")
     a_min = results.load_experiment(path).settings[0].a_min
     assert [tuple(line.get_xdata()) for line in ax.lines] == [(a_min, a_min)]
 

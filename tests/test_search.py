@@ -1,6 +1,7 @@
 """The search driver on a real local Ray: Optuna + ASHA per noise setting, resume after SIGKILL."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,44 @@ def test_smoke_search_end_to_end(smoke):
     assert search.summary_table(path).startswith("best config per noise setting")
 
 
+def test_mlflow_shows_the_search_as_it_ran(smoke):
+    """Before any other command: each parent holds its setting's report, stopped trials read as
+    finished, and every child spans its trial's epochs with the clean-accuracy estimate."""
+    import math
+
+    from mlflow import MlflowClient
+
+    from jal_search.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(smoke))
+    (experiment,) = client.search_experiments(filter_string="name = 'smoke'")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    ids = [experiment.experiment_id]
+    for parent in client.search_runs(ids, "tags.`jal.role` = 'setting'"):
+        files = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+        assert {"results/summary.md", "results/trials.parquet", "results/plots"} <= files
+        assert math.isfinite(parent.data.metrics["best_val_acc_clean_est"])
+    children = client.search_runs(ids, "tags.`jal.role` = 'trial'")
+    assert len(children) == 12 and sum(r.data.tags.get("jal.best") == "true" for r in children) == 2
+    statuses = {r.data.tags["jal.status"] for r in children}
+    assert "stopped" in statuses and "KILLED" not in {r.info.status for r in children}
+    for run in children:
+        tags = run.data.tags
+        failed = tags["jal.status"] in ("failed", "diverged")
+        assert run.info.status == ("FAILED" if failed else "FINISHED")
+        if tags["jal.status"] == "stopped":
+            assert re.match(
+                r"Stopped by ASHA at epoch \d \(rung \d of 2\)", tags["mlflow.note.content"]
+            )
+        seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        stamps = [m.timestamp for m in seconds]
+        assert run.info.start_time < min(stamps) and run.info.end_time == max(stamps)
+        # the run lasts its epochs at least (it starts when the trial started, before epoch 1)
+        assert run.info.end_time - run.info.start_time >= 1000 * sum(m.value for m in seconds)
+        estimates = client.get_metric_history(run.info.run_id, "val_acc_clean_est")
+        assert sorted(m.step for m in estimates) == sorted(m.step for m in seconds)
+
+
 def test_results_verbs_write_tables_plots_and_an_export(smoke, capsys):
     import pyarrow.parquet as pq
 
@@ -83,8 +122,8 @@ def test_results_verbs_write_tables_plots_and_an_export(smoke, capsys):
     parents = client.search_runs([experiment.experiment_id], "tags.`jal.role` = 'setting'")
     assert len(parents) == 2
     for run in parents:
-        files = {a.path for a in client.list_artifacts(run.info.run_id, "results")}
-        assert {"results/trials.parquet", "results/plots"} <= files
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "search")}
+        assert {"search/trials.parquet", "search/plots", "search/summary.md"} <= files
 
 
 def test_evaluate_reruns_each_best_config_over_seeds_as_ray_tasks(smoke, capsys, monkeypatch):

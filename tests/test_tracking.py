@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from fabricate import FakeTrial, fabricate
+from fabricate import STARTED, FakeTrial, fabricate
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, free_port
 
@@ -31,8 +31,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
 SYM, ASYM = "symmetric-0.4", "asymmetric-0.2"
 EPOCHS = 4  # fabricate's budget
-MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "diverged": "FAILED"}
+# A trial ASHA stopped ended normally: FINISHED, as Ray's own MLflow callback ends it.
+MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "diverged": "FAILED"}
 MLFLOW_STATUS["failed"] = "FAILED"
+# fabricate's scheduler: ASHA, grace 1, reduction factor 2, 4 epochs: rungs at epochs 1 and 2
+NOTES = {
+    "completed": "Completed all 4 epochs.",
+    "stopped": "Stopped by ASHA at epoch 2 (rung 2 of 2)",
+    "diverged": "Diverged at epoch 3",
+    "failed": "Failed after 1 epoch: RuntimeError: boom",
+}
 
 
 def p(a: float, alpha: float = 1.0, beta: float = 1.0) -> dict[str, float]:
@@ -132,14 +140,40 @@ def test_sync_builds_the_nested_layout_from_disk(server, tmp_path):
         # the spec, flattened with dotted keys
         assert params["budget.epochs"] == str(EPOCHS) and params["loss"] == "jal_ce"
         assert json.loads(params["space.alpha.loguniform"]) == [0.3, 100]
+        # spec.yaml: the spec without unset (null) fields, e.g. a log-uniform param's `choice`
         local = client.download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))
-        assert yaml.safe_load(open(local).read()) == manifest["spec"]
+        text = open(local).read()
+        assert "null" not in text and "uniform:" not in text.replace("loguniform:", "")
+        logged = yaml.safe_load(text)
+        assert logged["space"]["alpha"] == {"loguniform": [0.3, 100]}
+        assert logged["budget"] == manifest["spec"]["budget"]
+        assert logged["scheduler"] == manifest["spec"]["scheduler"]
         # the best trial, computed here from the fabricated curves
         top = best(fakes)
         assert tags["jal.best_trial"] == top.trial_id
         assert {k: float(params[f"best.{k}"]) for k in top.params} == top.params
         assert parent.data.metrics["best_val_acc"] == top.val_acc[-1]
         assert parent.data.metrics["best_epochs"] == len(top.val_acc)
+        # logged at the time of the sync, not at 0 (1970)
+        (point,) = client.get_metric_history(parent.info.run_id, "best_val_acc")
+        assert abs(point.timestamp / 1000 - time.time()) < 120
+        assert f"Best: {top.trial_id}" in tags["mlflow.note.content"]
+        assert parent.info.start_time == exp_created_ms(manifest)
+        # the setting's own report, there without `jal-search report`
+        assert parent_files(client, parent.info.run_id) >= {
+            "results/summary.md",
+            "results/trials.parquet",
+            "results/epochs.parquet",
+            "results/best.json",
+            f"results/plots/{setting}_alpha_beta.png",
+            f"results/plots/{setting}_a.png",
+            f"results/plots/{setting}_curves.png",
+            f"results/plots/{setting}_rungs.png",
+        }
+        best_json = client.download_artifacts(
+            parent.info.run_id, "results/best.json", str(tmp_path)
+        )
+        assert list(json.loads(open(best_json).read())["best"]) == [setting]  # its own only
 
         for fake in fakes:
             run = runs[fake.trial_id]
@@ -148,6 +182,19 @@ def test_sync_builds_the_nested_layout_from_disk(server, tmp_path):
             assert tags["jal.trial"] == f"{setting}/{fake.trial_id}"
             assert tags["jal.status"] == status(fake)
             assert run.info.status == MLFLOW_STATUS[status(fake)]
+            assert tags["mlflow.note.content"].startswith(NOTES[status(fake)]) or (
+                fake is top and NOTES[status(fake)] in tags["mlflow.note.content"]
+            )
+            assert (tags.get("jal.best") == "true") == (fake is top)
+            assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+            assert tags["mlflow.source.name"] == "jal-search run fabricated"
+            # the run spans the trial: from its journal's start to its last epoch
+            rows = fake.rows(setting)
+            assert run.info.start_time == int(STARTED * 1000)
+            assert run.info.end_time == int(rows[-1]["timestamp"] * 1000)
+            stamps = {m.timestamp for m in client.get_metric_history(run.info.run_id, "val_acc")}
+            assert stamps == {int(r["timestamp"] * 1000) for r in rows}
+            assert run.info.start_time < min(stamps) and max(stamps) <= run.info.end_time
             assert tags["jal.label_hash"] == f"hash-{setting}"
             assert float(tags["jal.noise_realised"]) == fake.rows(setting)[0]["noise_realised"]
             assert tags["jal.seed"] == str(manifest["spec"]["seed"])
@@ -156,10 +203,27 @@ def test_sync_builds_the_nested_layout_from_disk(server, tmp_path):
                 assert tags[f"jal.version.{package}"] == manifest["versions"][package]
             assert {k: float(v) for k, v in run.data.params.items()} == fake.params
     assert_histories_match_disk(client, runs, TRIALS)
+    experiment = client.get_experiment_by_name("t-layout")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # runs table
+    assert "jal.status=stopped" in experiment.tags["mlflow.note.content"]
 
     # the results tables find each trial's run
     recorded = exp.read_manifest(path)["mlflow_runs"]
     assert recorded[SYM]["a0000001"] == runs["a0000001"].info.run_id
+
+
+def exp_created_ms(manifest) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(manifest["created"]).timestamp() * 1000)
+
+
+def parent_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact file of a run, recursively."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= parent_files(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
 
 
 def test_sync_twice_creates_and_logs_nothing(server, tmp_path):
@@ -279,6 +343,85 @@ def test_outage_never_raises_and_the_gap_is_filled_exactly(server, tmp_path, cap
         assert_histories_match_disk(client, runs_by_name(client, name), trials)
 
 
+def test_a_setting_ended_live_has_its_best_trial_and_report_without_a_sync(server, tmp_path):
+    """The live path alone, as a search drives it: once the setting's last trial ends, its parent
+    is FINISHED with the best trial and the setting's report; children span their trials."""
+    fakes = TRIALS[SYM]
+    spec = {"name": "t-end", "budget": {"trials": len(fakes), "epochs": EPOCHS}}
+    path = fabricate(tmp_path, {SYM: fakes}, spec=spec, status="running")
+    tracker = Tracker(server.uri, "t-end")
+    tracker.start(exp.read_manifest(path), path=path)
+    client = MlflowClient(server.uri)
+    for i, fake in enumerate(fakes):
+        for row in fake.rows(SYM):  # Tune's results carry whole-second timestamps
+            tracker.on_result(SYM, fake.trial_id, fake.params, {**row, "timestamp": 1})
+        if i == len(fakes) - 1:  # before the last trial ends: the setting is still running
+            parent = runs_by_name(client, "t-end")[SYM]
+            assert parent.info.status == "RUNNING"
+            assert not parent_files(client, parent.info.run_id) - {"spec.yaml"}
+        tracker.on_trial_end(SYM, fake.trial_id, status(fake))
+    assert not tracker.behind
+    runs = runs_by_name(client, "t-end")
+    parent, top = runs[SYM], best(fakes)
+    assert parent.info.status == "FINISHED" and parent.data.tags["jal.status"] == "done"
+    assert parent.data.tags["jal.best_trial"] == top.trial_id
+    assert parent.data.metrics["best_val_acc"] == top.val_acc[-1]
+    assert (
+        parent.data.metrics["best_val_acc_clean_est"] == fakes[0].rows(SYM)[-1]["val_acc_clean_est"]
+    )
+    assert {"results/summary.md", f"results/plots/{SYM}_a.png"} <= parent_files(
+        client, parent.info.run_id
+    )
+    for fake in fakes:
+        run = runs[fake.trial_id]
+        assert run.info.status == MLFLOW_STATUS[status(fake)]
+        assert (run.data.tags.get("jal.best") == "true") == (fake is top)
+        assert run.info.start_time == int(STARTED * 1000)  # the journal's, not the first result
+        assert run.info.end_time == int(fake.rows(SYM)[-1]["timestamp"] * 1000)
+        stamps = [m.timestamp for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert sorted(stamps) == [int(r["timestamp"] * 1000) for r in fake.rows(SYM)]
+
+    # the search's end: the manifest marks it done (with the failure's reason), and sync adds it
+    exp.update_setting(path, SYM, status="done", failures={"d0000004": "RuntimeError: boom"})
+    report = tracker.sync(path)
+    assert (report.runs_created, report.metrics_logged, report.runs_ended) == (0, 0, 0)
+    failed = runs_by_name(client, "t-end")["d0000004"]
+    assert failed.data.tags["mlflow.note.content"] == NOTES["failed"] + "."
+
+
+def test_ties_are_broken_by_epochs_then_trial_id_and_said_where_they_happen(server, tmp_path):
+    trials = {
+        SYM: [
+            FakeTrial("t1", p(10.0), [0.5, 0.6]),  # stopped at epoch 2
+            FakeTrial("t2", p(11.0), [0.4, 0.5, 0.55, 0.6]),
+            FakeTrial("t3", p(12.0), [0.3, 0.4, 0.5, 0.6]),
+            FakeTrial("t0", p(13.0), [0.9, 0.5]),
+        ]
+    }
+    path = fabricate(tmp_path, trials, spec={"name": "t-tie"})
+    tracker = Tracker(server.uri, "t-tie")
+    tracker.sync(path)
+    client = MlflowClient(server.uri)
+    runs = runs_by_name(client, "t-tie")
+    rule = "ties go to the trial that reached more epochs, then to the smaller trial id"
+    parent_note = runs[SYM].data.tags["mlflow.note.content"]
+    assert "3 trials tie at val_acc 0.6000 (t2, t3, t1)" in parent_note and rule in parent_note
+    assert runs[SYM].data.tags["jal.best_trial"] == "t2"
+    assert [n for n in ("t0", "t1", "t2", "t3") if runs[n].data.tags.get("jal.best")] == ["t2"]
+    assert rule in runs["t2"].data.tags["mlflow.note.content"]
+
+    # `extend` adds a better trial: the tag and the parent's best move to it
+    other = fabricate(tmp_path / "more", {SYM: [FakeTrial("t4", p(14.0), [0.7] * EPOCHS)]})
+    (path / SYM / "t4").mkdir()
+    (path / SYM / "t4" / "journal.jsonl").write_bytes(
+        (other / SYM / "t4" / "journal.jsonl").read_bytes()
+    )
+    tracker.sync(path)
+    runs = runs_by_name(client, "t-tie")
+    assert [n for n in runs if runs[n].data.tags.get("jal.best") == "true"] == ["t4"]
+    assert runs[SYM].data.metrics["best_val_acc"] == 0.7
+
+
 def test_live_calls_pause_after_a_failure_and_leak_no_credentials(tmp_path, monkeypatch, capsys):
     secret, password = secrets.token_hex(8), secrets.token_hex(8)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
@@ -323,9 +466,9 @@ def test_no_secret_reaches_params_tags_or_artifacts(server, tmp_path, monkeypatc
     texts = [captured.out, captured.err]
     for run in runs_by_name(client, "t-secret").values():
         texts += [*run.data.params.values(), *run.data.tags.values()]
-        for item in client.list_artifacts(run.info.run_id):
-            local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path))
-            texts.append(open(local).read())
+        for item in parent_files(client, run.info.run_id):  # binary ones too (parquet)
+            local = client.download_artifacts(run.info.run_id, item, str(tmp_path))
+            texts.append(open(local, "rb").read().decode("utf-8", "replace"))
     assert "http://mlflow.example:5000" in texts  # the spec's URI is logged
     assert not [t for t in texts if password in t or in_uri in t]
 
