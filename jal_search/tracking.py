@@ -230,18 +230,8 @@ class Tracker:
         self._live(self._flush)
         ended = self._ended.setdefault(setting, {})
         ended[trial_id] = status
-        if self._path is not None and len(ended) == self._expected(setting):
+        if self._path is not None and len(ended) == int(self._setting(setting)["trials"]):
             self._live(lambda: self._finish_live(setting))
-
-    def _expected(self, setting: str) -> int:
-        """How many (member) trials the setting runs; a pack counts its members."""
-        from jal_search.spec import fixed_configs, parse_spec, plan
-
-        trials = int(self._setting(setting)["trials"])
-        spec = parse_spec(self.manifest["spec"], where="experiment.json")
-        if spec.pack <= 1:
-            return trials
-        return len(fixed_configs(spec, next(p for p in plan(spec) if p.name == setting)))
 
     def _finish_live(self, setting: str) -> None:
         """The setting's last trial has ended: its best trial and report, its parent ended.
