@@ -21,9 +21,7 @@ must agree within noise).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -145,9 +143,8 @@ def _report(arm: str, trials: int, seconds: float, best: float, extra: str = "")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--short", action="store_true", help="the code path only: tiny, any device")
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --short)")
+    p = _common.parser(__doc__.splitlines()[0], timing=False)
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu for the code path")
     p.add_argument("--packs", default="8,32,64", help="pack sizes K, comma-separated")
     p.add_argument("--stream", type=Path, default=STREAM, help="trials recorded with --record")
     p.add_argument("--record", type=Path, metavar="EXPERIMENT", help="record a stream, then exit")
@@ -157,18 +154,18 @@ def main() -> None:
         return
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("gpu.py: no CUDA device here, nothing measured; run it on a GPU machine")
         return
     packs = [2] if args.short else [int(k) for k in args.packs.split(",")]
     trials = load(args.stream, args.device, args.short)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"# gpu  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
-    print(f"device: {name}; torch {torch.__version__}; python {sys.version.split()[0]}")
-    print(
-        f"mode {'short' if args.short else 'full'}; stream {args.stream.name}: {len(trials)} trials"
+    _common.header(
+        "gpu",
+        args,
+        device=torch.cuda.get_device_name() if cuda else "cpu (the code path only)",
+        stream=f"{args.stream.name}: {len(trials)} trials",
     )
-    cuda = args.device.startswith("cuda")
     seconds, best = one_at_a_time(trials)
     base = len(trials) / seconds * 3600
     _report("one at a time", len(trials), seconds, best)
@@ -177,9 +174,9 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         seconds, best = packed(stream, k)
-        rate = len(stream) / seconds * 3600
         memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
         _report(f"pack {k}", len(stream), seconds, best, memory)
+        rate = len(stream) / seconds * 3600
         _common.ratio(f"search trials per hour, pack {k} / one at a time", rate / base, ">=", 20)
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 RATIO = re.compile(
@@ -84,3 +85,22 @@ def test_packed_search_reports_searches_per_hour_and_the_best_found():
     assert ratios(out) == ["smoke searches per hour, pack 2 / unpacked"]
     assert re.search(r"^seed 0 pack 2 +wall .* best val_acc: asymmetric-0.2 0\.\d+", out, re.M)
     assert "largest gap in mean best val_acc, pack 2 vs unpacked" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.py does without CUDA")
+def test_gpu_says_at_once_that_it_needs_cuda():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu.py")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == (
+        "gpu.py: no CUDA device here, nothing measured; run it on a GPU machine"
+    )
+
+
+def test_gpu_search_arm_runs_its_code_path_on_a_cpu():
+    # The recorded stream of a real search through one trial at a time and a pack of 2.
+    out = run("gpu.py", "--device", "cpu")
+    assert ratios(out) == ["search trials per hour, pack 2 / one at a time"]
+    assert re.search(r"^search one at a time: 4 trials in .* best val_acc of completed", out, re.M)
+    assert re.search(r"^search pack 2: 8 trials in ", out, re.M)
