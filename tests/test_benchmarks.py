@@ -87,6 +87,20 @@ def test_packed_search_reports_searches_per_hour_and_the_best_found():
     assert "largest gap in mean best val_acc, pack 2 vs unpacked" in out
 
 
+@pytest.mark.slow
+def test_vs_peers_reports_each_arm_and_the_wall_ratios_to_plain_optuna_and_stock_tune():
+    out = run("vs_peers.py")
+    assert ratios(out) == [
+        "smoke wall jal-search / plain Optuna",
+        "smoke wall jal-search / stock Tune",
+    ]
+    for arm in ("jal-search", "stock Tune", "plain Optuna"):
+        per_seed = rf"^seed 0 {arm} +wall .* epochs +\d+ +wall per epoch .* best val_acc: asym"
+        assert re.search(per_seed, out, re.M), arm
+        assert re.search(rf"^{arm} +wall .* s, epochs .* mean best val_acc: asym", out, re.M), arm
+    assert "largest gap in mean best val_acc, plain Optuna vs jal-search" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu.py does without CUDA")
 def test_gpu_says_at_once_that_it_needs_cuda():
     result = subprocess.run(
