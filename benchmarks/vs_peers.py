@@ -7,7 +7,9 @@ the spec's grace period and reduction factor; `max_concurrent_trials` at a time;
 per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, in every arm:
 
 - jal-search: `jal-search run SPEC --num-cpus N --storage-path TMP` (journals, checkpoints,
-  MLflow on SQLite, as shipped); epochs and best read from the experiment.
+  MLflow on SQLite, as shipped); epochs and best read from the experiment. Arm `jal-search sh`:
+  the same with `scheduler.type: successive_halving` (Optuna's promotion rule, as plain Optuna's
+  pruner applies it).
 - stock Tune, as a user writes it (`tune_arm`): per noise setting a `tune.Tuner` with
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
@@ -18,8 +20,8 @@ per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, 
 Per arm: wall of the whole command, epochs trained, wall per epoch and the best val_acc per noise
 setting (every trial's last epoch, stopped ones included, as `results.best` scores them). Arms run
 interleaved over searcher seeds (seed s: every arm once, in an order rotated by s). Ratios: Σ wall
-jal-search / Σ wall of each peer over the same seeds. Target (issue 17): ≤ 1.0 against plain
-Optuna, with the same best val_acc within noise.
+of each jal-search arm / Σ wall of each peer over the same seeds. Target (issue 17): ≤ 1.0
+against plain Optuna, with the same best val_acc within noise.
 
     .venv/bin/python benchmarks/vs_peers.py --short   # smoke spec, 1 seed, ~2 min
     .venv/bin/python benchmarks/vs_peers.py           # quick spec, 3 seeds, ~25 min
@@ -40,7 +42,9 @@ from pathlib import Path
 import _common
 import yaml
 
-ARMS = ("jal-search", "stock Tune", "plain Optuna")
+ARMS = ("jal-search", "jal-search sh", "stock Tune", "plain Optuna")
+# jal-search's arms: the spec as shipped, and with Optuna's promotion rule (`successive_halving`).
+SCHEDULERS = {"jal-search": None, "jal-search sh": "successive_halving"}
 PEERS = {"stock Tune": "tune_arm", "plain Optuna": "optuna_arm"}  # run as `python -c`
 
 
@@ -157,7 +161,7 @@ def run_arm(arm: str, spec_file: Path, folder: Path, cpus: int) -> dict:
     out = folder / "found.json"
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(_common.REPO), str(here), os.environ.get("PYTHONPATH", "")])
-    if arm == "jal-search":
+    if arm in SCHEDULERS:
         command = [Path(sys.executable).with_name("jal-search"), "run", spec_file]
         command += ["--num-cpus", str(cpus), "--storage-path", folder]
     else:
@@ -171,7 +175,7 @@ def run_arm(arm: str, spec_file: Path, folder: Path, cpus: int) -> dict:
     wall = time.perf_counter() - began
     if done.returncode:
         sys.exit(f"{arm} failed ({done.returncode}):\n{(folder / 'log.txt').read_text()[-3000:]}")
-    if arm == "jal-search":
+    if arm in SCHEDULERS:
         found = experiment_found(folder / yaml.safe_load(spec_file.read_text())["name"])
     else:
         found = json.loads(out.read_text())
@@ -194,7 +198,10 @@ def experiment_found(path: Path) -> dict:
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[0], timing=False).parse_args()
+    p = _common.parser(__doc__.splitlines()[0], timing=False)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"a comma-separated subset of {ARMS}")
+    args = p.parse_args()
+    arms = tuple(a for a in ARMS if a in args.arms.split(","))
     from jal_search.spec import load_spec
 
     name = "smoke" if args.short else "quick"
@@ -205,24 +212,29 @@ def main() -> None:
         "vs_peers",
         args,
         spec=f"{name}: {spec.description}",
-        arms=", ".join(ARMS),
+        arms=", ".join(arms),
         seeds=seeds,
         cpus=cpus,
         note="each arm is one process, timed whole; trials use one torch thread each",
     )
-    runs: dict[str, list[dict]] = {a: [] for a in ARMS}
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="jal-vs-peers-") as tmp:
         for seed in seeds:
             raw = spec.model_dump(mode="json", exclude_none=True)
             raw["searcher"]["seed"] = seed
             spec_file = Path(tmp) / f"{name}-s{seed}.yaml"
             spec_file.write_text(yaml.safe_dump(raw))
-            for i, arm in enumerate(ARMS[seed % 3 :] + ARMS[: seed % 3]):
-                out = run_arm(arm, spec_file, Path(tmp) / f"s{seed}-{i}", cpus)
+            raw["scheduler"]["type"] = "successive_halving"
+            sh_file = Path(tmp) / f"{name}-sh-s{seed}.yaml"
+            sh_file.write_text(yaml.safe_dump(raw))
+            turn = seed % len(arms)
+            for i, arm in enumerate(arms[turn:] + arms[:turn]):
+                source = sh_file if SCHEDULERS.get(arm) else spec_file
+                out = run_arm(arm, source, Path(tmp) / f"s{seed}-{i}", cpus)
                 runs[arm].append(out)
                 print(f"seed {seed} {arm:12} {line(out)}", flush=True)
     print()
-    for arm in ARMS:
+    for arm in arms:
         walls = [r["wall"] for r in runs[arm]]
         epochs = [r["epochs"] for r in runs[arm]]
         per_epoch = sum(walls) / max(sum(epochs), 1)
@@ -231,14 +243,15 @@ def main() -> None:
             f"{arm:12} wall {_common.spread(walls)} s, epochs {_common.spread(epochs)}, "
             f"wall per epoch {per_epoch:.2f} s, mean best val_acc: {bests}"
         )
-    ours = sum(r["wall"] for r in runs["jal-search"])
-    for peer in ("plain Optuna", "stock Tune"):  # the target's first
-        _common.ratio(
-            f"{name} wall jal-search / {peer}", ours / sum(r["wall"] for r in runs[peer]), "<=", 1.0
-        )
-        ref, theirs = mean_best(runs["jal-search"]), mean_best(runs[peer])
+    pairs = [(ours, peer) for ours in SCHEDULERS for peer in ("plain Optuna", "stock Tune")]
+    for ours, peer in pairs:  # the target's first
+        if ours not in runs or peer not in runs:
+            continue
+        wall = sum(r["wall"] for r in runs[ours]) / sum(r["wall"] for r in runs[peer])
+        _common.ratio(f"{name} wall {ours} / {peer}", wall, "<=", 1.0)
+        ref, theirs = mean_best(runs[ours]), mean_best(runs[peer])
         gap = max(abs(theirs[s] - ref[s]) for s in ref)
-        print(f"  largest gap in mean best val_acc, {peer} vs jal-search: {gap:.4f}")
+        print(f"  largest gap in mean best val_acc, {peer} vs {ours}: {gap:.4f}")
 
 
 def line(out: dict) -> str:

@@ -130,11 +130,27 @@ class Budget(_Strict):
 
 
 class Scheduler(_Strict):
-    type: Literal["asha", "none"] = "asha"
+    # asha: Ray's ASHA (a trial goes on past a rung if it clears the (1 − 1/rf) percentile of the
+    # trials recorded there); successive_halving: Optuna's rule (SuccessiveHalvingPruner: among
+    # the best ⌊n/rf⌋ of the n recorded there, itself included, or the best while n < rf), which
+    # stops more trials early; none: every trial runs its budget.
+    type: Literal["asha", "successive_halving", "none"] = "asha"
     grace_period: StrictInt = Field(1, ge=1)  # epochs every trial runs before it can be stopped
     # rf 6: rungs at epochs 1, 6, 36…; the cheapest schedule that kept the best config in
     # benchmarks/asha_efficiency.py (MNIST, 48 configs × 20 epochs)
     reduction_factor: Number = Field(6.0, gt=1)
+
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs at which a trial may be stopped: grace·rf^k below the budget (a trial is
+        judged at the first epoch at or past a fractional one)."""
+        if self.type == "none":
+            return []
+        count = int(math.log(epochs / self.grace_period) / math.log(self.reduction_factor) + 1)
+        return [
+            math.ceil(self.grace_period * self.reduction_factor**k)
+            for k in range(count)
+            if self.grace_period * self.reduction_factor**k < epochs
+        ]
 
 
 class Searcher(_Strict):
@@ -203,7 +219,7 @@ class SearchSpec(_Strict):
 
     @model_validator(mode="after")
     def _scheduler_fits_budget(self) -> SearchSpec:
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.budget.epochs:
+        if self.scheduler.type != "none" and self.scheduler.grace_period > self.budget.epochs:
             raise ValueError(
                 f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds budget.epochs "
                 f"({self.budget.epochs}); lower it or raise the budget"
@@ -505,7 +521,7 @@ def describe(spec: SearchSpec) -> str:
         f"(seed {spec.searcher.seed}) / scheduler {spec.scheduler.type}"
         + (
             f" (grace {spec.scheduler.grace_period}, reduction {spec.scheduler.reduction_factor:g})"
-            if spec.scheduler.type == "asha"
+            if spec.scheduler.type != "none"
             else ""
         ),
         f"{len(plans)} noise settings × {trials} trials × ≤{spec.budget.epochs} epochs "

@@ -88,6 +88,7 @@ MLFLOW_STATUS = {
     "failed": "FAILED",
 }
 SPEC_ARTIFACT = "spec.yaml"
+SCHEDULER_NAMES = {"asha": "ASHA", "successive_halving": "successive halving"}
 BEST_CLEAN = ("best_val_acc_clean_est", "best_val_acc_clean_lo", "best_val_acc_clean_hi")
 RESULTS_ARTIFACTS, SEARCH_ARTIFACTS = "results", "search"  # a setting's own; the whole search's
 # The UI opens an experiment of this kind on its runs table (not the GenAI overview).
@@ -864,26 +865,18 @@ def _child_note(status: str, epochs: int, failure: str | None, spec: dict[str, A
         return f"Diverged at epoch {epochs}: the training loss was not finite (FAILED)."
     if status == "failed":
         return f"Failed after {epochs} epoch{'' if epochs == 1 else 's'}: {failure or 'error'}."
-    rungs = _asha_rungs(spec)
+    from jal_search.spec import Scheduler
+
+    scheduler = Scheduler(**(spec.get("scheduler") or {}))
+    rungs = scheduler.rungs(budget)
     if epochs in rungs:
         return (
-            f"Stopped by ASHA at epoch {epochs} (rung {rungs.index(epochs) + 1} of {len(rungs)}): "
+            f"Stopped by {SCHEDULER_NAMES[scheduler.type]} at epoch {epochs} "
+            f"(rung {rungs.index(epochs) + 1} of {len(rungs)}): "
             "it trailed the setting's other trials there. A normal early end, not a failure; "
             f"its val_acc is from epoch {epochs} of {budget}."
         )
     return f"Stopped early at epoch {epochs} of {budget}."
-
-
-def _asha_rungs(spec: dict[str, Any]) -> list[int]:
-    """The epochs where ASHA may stop a trial: grace·rf^k below the budget, as Ray's
-    ASHAScheduler places its rungs (time_attr epoch, max_t the budget)."""
-    scheduler, budget = spec.get("scheduler") or {}, spec["budget"]["epochs"]
-    if scheduler.get("type", "asha") != "asha":
-        return []
-    grace, rf = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 6.0)
-    count = int(math.log(budget / grace) / math.log(rf) + 1)
-    # A trial is judged at the first epoch at or past a rung: ceil of a fractional one.
-    return [math.ceil(grace * rf**k) for k in range(count) if grace * rf**k < budget]
 
 
 def _outcome(s: Setting, ex: Experiment, best: Selection | None, tie: str) -> str:

@@ -13,11 +13,13 @@ new one: their journals and checkpoints are found, nothing is rerun, nothing rep
   config twice, ASHA-stopped trials told PRUNED, diverged ones FAIL, seeded), or configs chosen
   up front (grid, seeded random samples) recorded in the same kind of study;
 - `BySetting`: Tune's `Searcher`, suggesting setting after setting;
-- `SchedulerBySetting`: one ASHA (or FIFO) per setting, on the trials' own `epoch`.
+- `SchedulerBySetting`: one ASHA, successive-halving or FIFO scheduler per setting, on the
+  trials' own `epoch`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from itertools import product
@@ -370,11 +372,63 @@ def scheduler_by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> Sche
 def _scheduler(spec: SearchSpec) -> Any:
     if spec.scheduler.type == "none":
         return FIFOScheduler()
+    grace, rf = spec.scheduler.grace_period, spec.scheduler.reduction_factor
+    if spec.scheduler.type == "successive_halving":
+        return SuccessiveHalvingScheduler(grace, rf)
     # On the trials' own epoch, not Tune's report count: a trial resumed from its checkpoint
     # reports its next epoch first.
     return ASHAScheduler(
-        time_attr="epoch",
-        max_t=spec.budget.epochs,
-        grace_period=spec.scheduler.grace_period,
-        reduction_factor=spec.scheduler.reduction_factor,
+        time_attr="epoch", max_t=spec.budget.epochs, grace_period=grace, reduction_factor=rf
     )
+
+
+class SuccessiveHalving:
+    """Optuna's successive-halving promotion rule (`SuccessiveHalvingPruner`, bootstrap count 0),
+    decision for decision, on the trials' epochs.
+
+    Rung k is at epoch grace·rf^k. A trial reaching it records its value there, then goes on only
+    if that value is among the best ⌊n/rf⌋ of the n values recorded at the rung so far (its own
+    included) — while n < rf, only if it is the best of them. A NaN score stops it. A trial past
+    several rungs at once (one resumed mid-way) is judged at each in turn.
+    """
+
+    def __init__(self, grace: int, reduction_factor: float) -> None:
+        self.grace, self.rf = grace, reduction_factor
+        self._values: dict[int, list[float]] = {}  # rung → the values recorded there
+        self._rung: dict[str, int] = {}  # trial → its next rung
+
+    def judged(self) -> dict[int, int]:
+        """Per rung's epoch, how many trials were judged there."""
+        return {math.ceil(self.grace * self.rf**k): len(v) for k, v in sorted(self._values.items())}
+
+    def goes_on(self, trial: str, epoch: int, value: float) -> bool:
+        rung = self._rung.get(trial, 0)
+        while epoch >= self.grace * self.rf**rung:
+            if value != value:
+                return False
+            recorded = self._values.setdefault(rung, [])
+            recorded.append(value)
+            self._rung[trial] = rung + 1
+            best = sorted(recorded, reverse=True)[max(int(len(recorded) // self.rf) - 1, 0)]
+            if value < best:
+                return False
+            rung += 1
+        return True
+
+
+class SuccessiveHalvingScheduler(FIFOScheduler):
+    """Tune's scheduler for one setting with `SuccessiveHalving`'s decisions (val_acc, max)."""
+
+    def __init__(self, grace: int, reduction_factor: float) -> None:
+        super().__init__()
+        self.rule = SuccessiveHalving(grace, reduction_factor)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if "epoch" not in result or not isinstance(result.get(METRIC), float):
+            return TrialScheduler.CONTINUE
+        go_on = self.rule.goes_on(trial.trial_id, int(result["epoch"]), result[METRIC])
+        return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
+
+    def debug_string(self) -> str:
+        judged = ", ".join(f"{n} at epoch {e}" for e, n in self.rule.judged().items())
+        return f"successive halving (Optuna's rule): trials judged {judged or 'at no rung yet'}"

@@ -93,8 +93,10 @@ def test_vs_peers_reports_each_arm_and_the_wall_ratios_to_plain_optuna_and_stock
     assert ratios(out) == [
         "smoke wall jal-search / plain Optuna",
         "smoke wall jal-search / stock Tune",
+        "smoke wall jal-search sh / plain Optuna",
+        "smoke wall jal-search sh / stock Tune",
     ]
-    for arm in ("jal-search", "stock Tune", "plain Optuna"):
+    for arm in ("jal-search", "jal-search sh", "stock Tune", "plain Optuna"):
         per_seed = rf"^seed 0 {arm} +wall .* epochs +\d+ +wall per epoch .* best val_acc: asym"
         assert re.search(per_seed, out, re.M), arm
         assert re.search(rf"^{arm} +wall .* s, epochs .* mean best val_acc: asym", out, re.M), arm

@@ -1,14 +1,26 @@
 """The Ray adapter: its private Ray's trial processes; its searcher on real Optuna studies."""
 
 import ast
+import math
+import random
 from pathlib import Path
 
 import optuna
+import pytest
 import ray
+import scripted
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from jal_search import tune_adapter
-from jal_search.tune_search import STUDY_FILE, TWIN_ATTR, SettingSearch, trial_name
+from jal_search.experiment import read_trials
+from jal_search.spec import parse_spec, plan, trials_per_setting
+from jal_search.tune_search import (
+    STUDY_FILE,
+    TWIN_ATTR,
+    SettingSearch,
+    SuccessiveHalving,
+    trial_name,
+)
 
 
 def test_trial_processes_start_with_the_trial_environment():
@@ -149,3 +161,72 @@ def test_only_the_tune_modules_import_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(module.stem)
     assert importers == {"tune_adapter", "tune_search", "tune_callbacks", "tune_packs"}
+
+
+@pytest.mark.parametrize("rf", [2, 3, 6])
+def test_successive_halving_decides_as_optunas_pruner(rf):
+    # Optuna's own SuccessiveHalvingPruner is the reference: trials report in an interleaved
+    # order (as concurrent trials do), some past several rungs at once (as a resumed trial does),
+    # and every decision must match.
+    rng = random.Random(rf)
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=rf),
+    )
+    rule = SuccessiveHalving(1, float(rf))
+    running = {}
+    decisions = []
+    for n in range(40):
+        running[n] = [study.ask(), 0, rng.random()]
+        while len(running) > 3 or (n == 39 and running):
+            number = rng.choice(list(running))
+            trial, epoch, skill = running[number]
+            epoch += 1 if rng.random() < 0.8 else 3  # now and then a jump over a rung
+            value = math.nan if rng.random() < 0.02 else skill + 0.01 * epoch
+            trial.report(value, epoch)
+            pruned = trial.should_prune()
+            assert rule.goes_on(str(number), epoch, value) is not pruned, (number, epoch)
+            decisions.append(pruned)
+            if pruned or epoch >= 40:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                del running[number]
+            else:
+                running[number][1] = epoch
+    assert 0 < sum(decisions) < len(decisions)  # both decisions were taken
+
+
+def test_a_search_under_successive_halving_stops_trials_as_optuna_would(local_ray, tmp_path):
+    # One trial at a time with scripted metrics (tests/scripted.py): the same values through
+    # Optuna's pruner must stop the same trials at the same epochs.
+    ray.cloudpickle.register_pickle_by_value(scripted)
+    spec = parse_spec(
+        {
+            "name": "sh",
+            "dataset": "digits",
+            "loss": "jal_ce",
+            "noise": {"symmetric": [0.4]},
+            "space": {"alpha": {"loguniform": [0.1, 10.0]}, "lr": {"loguniform": [0.002, 0.1]}},
+            "budget": {"trials": 12, "epochs": 9},
+            "scheduler": {"type": "successive_halving", "grace_period": 1, "reduction_factor": 3},
+            "max_concurrent_trials": 1,
+        },
+        where="spec",
+    )
+    plans = plan(spec)
+    counts = {p.name: trials_per_setting(spec, p.space) for p in plans}
+    tune_adapter.run_search(spec, plans, str(tmp_path), counts, train=scripted.scripted_trial)
+    trials = read_trials(tmp_path, plans[0].name, {})
+    reference = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+    )
+    for t in trials:  # in the order they ran
+        trial = reference.ask()
+        for row in t.history:
+            trial.report(row["val_acc"], int(row["epoch"]))
+            if trial.should_prune():
+                break
+        assert int(row["epoch"]) == len(t.history), t.trial_id
+        reference.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    stopped = [len(t.history) for t in trials if len(t.history) < 9]
+    assert stopped and set(stopped) <= {1, 3}  # at the rungs, epochs 1 and 3 (9 is the budget)
