@@ -9,7 +9,7 @@ per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, 
 - jal-search: `jal-search run SPEC --num-cpus N --storage-path TMP` (journals, checkpoints,
   MLflow on SQLite, as shipped); epochs and best read from the experiment. Arm `jal-search sh`:
   the same with `scheduler.type: successive_halving` (Optuna's promotion rule, as plain Optuna's
-  pruner applies it).
+  pruner applies it); `jal-search sh pack 2`: that in pack workers of 2 slots.
 - stock Tune, as a user writes it (`tune_arm`): per noise setting a `tune.Tuner` with
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
@@ -42,9 +42,14 @@ from pathlib import Path
 import _common
 import yaml
 
-ARMS = ("jal-search", "jal-search sh", "stock Tune", "plain Optuna")
-# jal-search's arms: the spec as shipped, and with Optuna's promotion rule (`successive_halving`).
-SCHEDULERS = {"jal-search": None, "jal-search sh": "successive_halving"}
+# jal-search's arms: the spec as shipped; with Optuna's promotion rule (`successive_halving`);
+# and with that rule in pack workers of 2 slots (a worker per CPU, so `max_concurrent_trials` off).
+VARIANTS: dict[str, dict] = {
+    "jal-search": {},
+    "jal-search sh": {"scheduler": {"type": "successive_halving"}},
+    "jal-search sh pack 2": {"scheduler": {"type": "successive_halving"}, "pack": 2},
+}
+ARMS = (*VARIANTS, "stock Tune", "plain Optuna")
 PEERS = {"stock Tune": "tune_arm", "plain Optuna": "optuna_arm"}  # run as `python -c`
 
 
@@ -161,7 +166,7 @@ def run_arm(arm: str, spec_file: Path, folder: Path, cpus: int) -> dict:
     out = folder / "found.json"
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(_common.REPO), str(here), os.environ.get("PYTHONPATH", "")])
-    if arm in SCHEDULERS:
+    if arm in VARIANTS:
         command = [Path(sys.executable).with_name("jal-search"), "run", spec_file]
         command += ["--num-cpus", str(cpus), "--storage-path", folder]
     else:
@@ -175,7 +180,7 @@ def run_arm(arm: str, spec_file: Path, folder: Path, cpus: int) -> dict:
     wall = time.perf_counter() - began
     if done.returncode:
         sys.exit(f"{arm} failed ({done.returncode}):\n{(folder / 'log.txt').read_text()[-3000:]}")
-    if arm in SCHEDULERS:
+    if arm in VARIANTS:
         found = experiment_found(folder / yaml.safe_load(spec_file.read_text())["name"])
     else:
         found = json.loads(out.read_text())
@@ -222,14 +227,10 @@ def main() -> None:
         for seed in seeds:
             raw = spec.model_dump(mode="json", exclude_none=True)
             raw["searcher"]["seed"] = seed
-            spec_file = Path(tmp) / f"{name}-s{seed}.yaml"
-            spec_file.write_text(yaml.safe_dump(raw))
-            raw["scheduler"]["type"] = "successive_halving"
-            sh_file = Path(tmp) / f"{name}-sh-s{seed}.yaml"
-            sh_file.write_text(yaml.safe_dump(raw))
             turn = seed % len(arms)
             for i, arm in enumerate(arms[turn:] + arms[:turn]):
-                source = sh_file if SCHEDULERS.get(arm) else spec_file
+                source = Path(tmp) / f"s{seed}-{i}.yaml"
+                source.write_text(yaml.safe_dump(variant(raw, VARIANTS.get(arm, {}))))
                 out = run_arm(arm, source, Path(tmp) / f"s{seed}-{i}", cpus)
                 runs[arm].append(out)
                 print(f"seed {seed} {arm:12} {line(out)}", flush=True)
@@ -243,7 +244,7 @@ def main() -> None:
             f"{arm:12} wall {_common.spread(walls)} s, epochs {_common.spread(epochs)}, "
             f"wall per epoch {per_epoch:.2f} s, mean best val_acc: {bests}"
         )
-    pairs = [(ours, peer) for ours in SCHEDULERS for peer in ("plain Optuna", "stock Tune")]
+    pairs = [(ours, peer) for ours in VARIANTS for peer in ("plain Optuna", "stock Tune")]
     for ours, peer in pairs:  # the target's first
         if ours not in runs or peer not in runs:
             continue
@@ -252,6 +253,17 @@ def main() -> None:
         ref, theirs = mean_best(runs[ours]), mean_best(runs[peer])
         gap = max(abs(theirs[s] - ref[s]) for s in ref)
         print(f"  largest gap in mean best val_acc, {peer} vs {ours}: {gap:.4f}")
+
+
+def variant(raw: dict, changes: dict) -> dict:
+    """The spec `raw` with a jal-search arm's changes (packs fill the machine on their own)."""
+    out = {
+        **raw,
+        **{k: {**raw.get(k, {}), **v} if isinstance(v, dict) else v for k, v in changes.items()},
+    }
+    if changes.get("pack", 1) > 1:
+        out.pop("max_concurrent_trials", None)
+    return out
 
 
 def line(out: dict) -> str:

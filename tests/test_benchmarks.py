@@ -90,13 +90,11 @@ def test_packed_search_reports_searches_per_hour_and_the_best_found():
 @pytest.mark.slow
 def test_vs_peers_reports_each_arm_and_the_wall_ratios_to_plain_optuna_and_stock_tune():
     out = run("vs_peers.py")
+    ours = ("jal-search", "jal-search sh", "jal-search sh pack 2")
     assert ratios(out) == [
-        "smoke wall jal-search / plain Optuna",
-        "smoke wall jal-search / stock Tune",
-        "smoke wall jal-search sh / plain Optuna",
-        "smoke wall jal-search sh / stock Tune",
+        f"smoke wall {arm} / {peer}" for arm in ours for peer in ("plain Optuna", "stock Tune")
     ]
-    for arm in ("jal-search", "jal-search sh", "stock Tune", "plain Optuna"):
+    for arm in (*ours, "stock Tune", "plain Optuna"):
         per_seed = rf"^seed 0 {arm} +wall .* epochs +\d+ +wall per epoch .* best val_acc: asym"
         assert re.search(per_seed, out, re.M), arm
         assert re.search(rf"^{arm} +wall .* s, epochs .* mean best val_acc: asym", out, re.M), arm
