@@ -35,6 +35,8 @@ stop_last_trials=False (same decisions) do not help.
         # the curves are kept in grid20.json (and grid20.json.partial while training)
     .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json --with-repeats
         # replays only (a minute): here TPE as Ray's own OptunaSearch runs it
+    .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json --rule successive_halving
+        # replays only: Optuna's promotion rule (spec scheduler.type: successive_halving)
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class Options:
     stop_last_trials: bool = True  # ASHAScheduler(stop_last_trials=...)
     startup: int = 10  # TPESampler(n_startup_trials=...); 10 is Optuna's default, what Ray builds
     paper_first: bool = True  # the paper's config as the first trial when it lies on the grid
+    rule: str = "asha"  # or "successive_halving": Optuna's rule (spec scheduler.type)
     with_repeats: bool = False  # let TPE re-propose tried configs, as Ray's own OptunaSearch does
 
 
@@ -184,7 +187,7 @@ def replay(
     from optuna.distributions import CategoricalDistribution
     from ray.tune.schedulers import ASHAScheduler
 
-    from jal_search.tune_search import SettingSearch
+    from jal_search.tune_search import SettingSearch, SuccessiveHalvingScheduler
 
     class WithRepeats(SettingSearch):  # TPE may propose a tried config again (Ray's OptunaSearch)
         def _ask(self) -> optuna.Trial:
@@ -203,15 +206,19 @@ def replay(
         first=[{k: PAPER[k] for k in keys}] if paper else [],
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup),
     )
-    scheduler = ASHAScheduler(  # as tune_search._scheduler builds it
-        time_attr="epoch",
-        metric="val_acc",
-        mode="max",
-        max_t=setup.max_epochs,
-        grace_period=grace,
-        reduction_factor=rf,
-        brackets=options.brackets,
-        stop_last_trials=options.stop_last_trials,
+    scheduler = (
+        SuccessiveHalvingScheduler(grace, rf)
+        if options.rule == "successive_halving"
+        else ASHAScheduler(  # as tune_search._scheduler builds it
+            time_attr="epoch",
+            metric="val_acc",
+            mode="max",
+            max_t=setup.max_epochs,
+            grace_period=grace,
+            reduction_factor=rf,
+            brackets=options.brackets,
+            stop_last_trials=options.stop_last_trials,
+        )
     )
     trials = len(curves)
     queue: list[tuple[int, int, int]] = []  # (time of the next result, trial number, its epoch)
@@ -283,6 +290,12 @@ def main() -> None:
     p.add_argument(
         "--with-repeats", action="store_true", help="let TPE re-propose tried configs (Ray's own)"
     )
+    p.add_argument(
+        "--rule",
+        choices=["asha", "successive_halving"],
+        default=Options.rule,
+        help="who stops trials: Ray's ASHA, or Optuna's successive-halving rule",
+    )
     args = p.parse_args()
     setup = SHORT if args.short else FULL
     setup = replace(
@@ -293,6 +306,7 @@ def main() -> None:
         brackets=args.brackets,
         startup=args.startup,
         paper_first=not args.no_paper_first,
+        rule=args.rule,
         with_repeats=args.with_repeats,
     )
     workers = 1 if args.short else args.workers or os.cpu_count() or 1
@@ -345,8 +359,9 @@ def main() -> None:
     chosen += [min(both, key=lambda k: rows[k][0])] if both else []
     for grace, rf in dict.fromkeys(chosen):
         fraction, gap = rows[grace, rf]
-        _common.ratio(f"asha grace={grace} rf={rf:g} epochs / grid epochs", fraction, "<=", 0.25)
-        _common.ratio(f"asha grace={grace} rf={rf:g} best val_acc gap (points)", gap, "<=", 0.5)
+        name = f"{options.rule} grace={grace} rf={rf:g}"
+        _common.ratio(f"{name} epochs / grid epochs", fraction, "<=", 0.25)
+        _common.ratio(f"{name} best val_acc gap (points)", gap, "<=", 0.5)
     if not both:
         print("no (grace period, reduction factor) met both targets at the median seed")
     else:

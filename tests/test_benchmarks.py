@@ -60,6 +60,20 @@ def test_asha_efficiency_reports_epochs_and_gap_against_the_grid():
     assert "grid best val_acc" in out
 
 
+def test_asha_efficiency_replays_optunas_rule_too(tmp_path):
+    curves = tmp_path / "curves.json"
+    out = run("asha_efficiency.py", "--curves", str(curves))  # trains the tiny grid, keeps it
+    asha = run("asha_efficiency.py", "--curves", str(curves))  # replays only, the same curves
+    sh = run("asha_efficiency.py", "--curves", str(curves), "--rule", "successive_halving")
+    assert "grid_curves: read from" in asha and "grid_curves: read from" in sh
+    assert "successive_halving grace=1 rf=6 epochs / grid epochs" in ratios(sh)
+    assert "rule='asha'" in asha and "rule='successive_halving'" in sh  # the replays' setup
+    # Replays of the same curves are the same (the rule itself is checked against Optuna's
+    # pruner in tests/test_tune_adapter.py).
+    table = lambda text: text.split("seeds meeting both")[1]  # noqa: E731
+    assert table(asha) == table(out)
+
+
 @pytest.mark.slow
 def test_search_overhead_reports_the_ratio_and_the_start_up_costs():
     out = run("search_overhead.py", "--repeats", "1")
