@@ -13,15 +13,22 @@ from jal_search.experiment import read_manifest, read_trials
 EPOCHS = 24  # trials are still mid-way when the fault comes
 
 
-def _packed_spec(tmp_path, name):
-    return write_spec(
+def _start_midway(tmp_path, ray_tmp, name):
+    """A packed search of 4 trials started in the background and waited for until a trial is
+    three epochs in: (its experiment folder, the driver process, the environment)."""
+    spec = write_spec(
         tmp_path, name, budget={"trials": 4, "epochs": EPOCHS}, pack=2,
         searcher={"type": "random", "seed": 1}, max_concurrent_trials=4,
     )  # fmt: skip
+    env = environment(ray_tmp)
+    experiment = tmp_path / "runs" / name
+    driver = start(["run", str(spec), "--num-cpus", "2"], tmp_path / "run", env)
 
+    def midway() -> bool:
+        return any(3 <= max(e, default=0) < EPOCHS for e in trial_epochs(experiment).values())
 
-def _midway(experiment):
-    return lambda: any(3 <= max(e, default=0) < EPOCHS for e in trial_epochs(experiment).values())
+    wait_until(midway, driver, "a trial got three epochs in")
+    return experiment, driver, env
 
 
 def _continued(before, after, hit):
@@ -35,11 +42,7 @@ def _continued(before, after, hit):
 
 @pytest.mark.slow
 def test_a_killed_packed_search_resumes_every_trial_from_its_checkpoint(tmp_path, ray_tmp):
-    spec = _packed_spec(tmp_path, "packs")
-    env = environment(ray_tmp)
-    experiment = tmp_path / "runs" / "packs"
-    driver = start(["run", str(spec), "--num-cpus", "2"], tmp_path / "run", env)
-    wait_until(_midway(experiment), driver, "a trial got three epochs in")
+    experiment, driver, env = _start_midway(tmp_path, ray_tmp, "packs")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = trial_rows(experiment)
@@ -55,11 +58,7 @@ def test_a_killed_packed_search_resumes_every_trial_from_its_checkpoint(tmp_path
 
 @pytest.mark.slow
 def test_a_killed_pack_worker_costs_its_trials_no_epoch(tmp_path, ray_tmp):
-    spec = _packed_spec(tmp_path, "worker")
-    env = environment(ray_tmp)
-    experiment = tmp_path / "runs" / "worker"
-    driver = start(["run", str(spec), "--num-cpus", "2"], tmp_path / "run", env)
-    wait_until(_midway(experiment), driver, "a trial got three epochs in")
+    experiment, driver, _ = _start_midway(tmp_path, ray_tmp, "worker")
     before = trial_rows(experiment)
     # The worker training the furthest trial: its process wrote that trial's rows.
     furthest = max(before.values(), key=len)
