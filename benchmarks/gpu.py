@@ -128,9 +128,6 @@ def packed(trials: list[Trial], k: int) -> tuple[float, float]:
                     best = max(best, metrics["val_acc"])
                 trainer.remove(key)
                 del active[key]
-        for key in [key for key in active if not trainer.trainable(key)]:
-            trainer.remove(key)  # diverged earlier: nothing more to report
-            del active[key]
     return time.perf_counter() - began, best
 
 

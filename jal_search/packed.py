@@ -125,12 +125,12 @@ def run_packed(
     `resume` is such a state: every member continues after its own epoch.
     """
     cfgs = check_packable(configs)
+    if resume is not None and len(resume["members"]) != len(cfgs):
+        raise UserError("resume: the checkpoint is of another pack (another number of members)")
     trainer = PackTrainer(cfgs[0])
     keys = [
         trainer.add(c, None if resume is None else resume["members"][i]) for i, c in enumerate(cfgs)
     ]
-    if resume is not None and len(resume["members"]) != len(cfgs):
-        raise UserError("resume: the checkpoint is of another pack (another number of members)")
     while any(trainer.members[k].status == "training" for k in keys):
         # Diverged members keep computing, unobserved: the others' layout stays the same.
         metrics = trainer.train_epoch([k for k in keys if trainer.trainable(k)])

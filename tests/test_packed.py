@@ -352,3 +352,11 @@ def test_a_checkpoint_of_another_member_is_refused():
     state = trainer.state(key)
     with pytest.raises(UserError, match="resume: the checkpoint is of another pack member"):
         trainer.add(x.model_copy(update={"noise_rate": 0.2}), resume=state)
+
+
+def test_a_checkpoint_of_a_smaller_pack_is_refused():
+    configs = [TrialConfig(**{**BASE, "epochs": 1}, seed=s, loss="ce") for s in (1, 2, 3)]
+    states = []
+    run_packed(configs[:2], report=lambda m, s: states.append(s))
+    with pytest.raises(UserError, match="another number of members"):
+        run_packed(configs, resume=states[0])
