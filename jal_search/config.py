@@ -124,6 +124,9 @@ class TrialConfig(BaseModel):
     # auto: the profile's choice where the device runs bf16 fast, else fp32 (train.check_precision).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: StrictBool = False  # torch.compile the model (for CUDA; measured slower on CPU)
+    # Epochs evaluated on the test set besides the last (`metrics.evaluates_test_set`); None:
+    # every epoch.
+    test_epochs: tuple[StrictInt, ...] | None = None
 
     @field_validator("dataset", "loss", "noise_type")
     @classmethod

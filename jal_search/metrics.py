@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jal_search.config import TrialConfig
 
 import numpy as np
 
@@ -111,13 +115,15 @@ def epoch_metrics(
     """One epoch's row, as every loop reports it.
 
     `val_counts` / `test_counts` are the confusion counts [label, predicted] of the evaluation
-    (None: not evaluated); `transition` is the validation labels' T (None: unknown). A non-finite
-    loss marks the epoch diverged, and its accuracies NaN (the model it evaluated is no model)."""
+    (None: not evaluated; an epoch that did not evaluate the test set (`evaluates_test_set`) has no
+    `test_acc`); `transition` is the validation labels' T (None: unknown). A non-finite loss marks
+    the epoch diverged, and its accuracies NaN (the model it evaluated is no model)."""
     diverged = not math.isfinite(train_loss)
     val = None if diverged else val_counts
     test = None if diverged else test_counts
     clean = clean_accuracy(val, transition) if val is not None and transition is not None else None
     est, lo, hi = clean or (math.nan, math.nan, math.nan)
+    tested = {"test_acc": accuracy(test)} if diverged or test is not None else {}
     return {
         "epoch": float(epoch),
         "train_loss": train_loss,
@@ -127,13 +133,20 @@ def epoch_metrics(
         "val_acc_clean_est": est,
         "val_acc_clean_lo": lo,
         "val_acc_clean_hi": hi,
-        "test_acc": accuracy(test),
+        **tested,
         "lr": lr,
         "noise_realised": noise_realised,
         "epoch_seconds": epoch_seconds,
         "diverged": float(diverged),
         "bf16": float(bf16),
     }
+
+
+def evaluates_test_set(epoch: int, config: TrialConfig) -> bool:
+    """Whether epoch `epoch` (1-based) evaluates the test set: every epoch when
+    `config.test_epochs` is None; else its listed epochs (a search's rungs, where a trial may be
+    stopped) and the last — the epochs whose test_acc a trial's last row can hold."""
+    return config.test_epochs is None or epoch == config.epochs or epoch in config.test_epochs
 
 
 def accuracy(counts: np.ndarray | None) -> float:

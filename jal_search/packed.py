@@ -79,7 +79,7 @@ from jal_search.data import IN_MEMORY_DATASETS, ImageSet
 from jal_search.errors import UserError
 from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
-from jal_search.metrics import epoch_metrics
+from jal_search.metrics import epoch_metrics, evaluates_test_set
 from jal_search.models import build_model
 from jal_search.noise import validation_transition
 from jal_search.profiles import Profile, get_profile
@@ -262,7 +262,9 @@ class PackTrainer:
         finite = any(math.isfinite(train_loss[i]) for i in observed)
         none = [None] * len(keys)
         val = _confusions(self._pack, self._val, self.bf16) if self._val and finite else none
-        test = _confusions(self._pack, self._test, self.bf16) if finite else none
+        # The pack evaluates the test set for all or none; a member keeps it where it asks.
+        tested = [evaluates_test_set(m.epoch + 1, m.config) for m in members]
+        test = _confusions(self._pack, self._test, self.bf16) if finite and any(tested) else none
         fit, memo, wrong = sums.fit.tolist(), sums.memo.tolist(), sums.wrong.tolist()
         seconds = time.perf_counter() - began
         out: dict[int, Metrics] = {}
@@ -276,7 +278,7 @@ class PackTrainer:
                 noisy_fit=fit[i] / max(len(m.data.train_idx), 1),
                 memorized=memo[i] / wrong[i] if wrong[i] else math.nan,
                 val_counts=val[i],
-                test_counts=test[i],
+                test_counts=test[i] if tested[i] else None,
                 transition=m.transition,
                 lr=lr[i],
                 noise_realised=m.data.noise_rate,

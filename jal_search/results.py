@@ -22,7 +22,13 @@ test accuracy, which is carried along for reporting only. The scope says which e
     last         val_acc at the trial's last reported epoch, whatever epoch that is
     best-epoch   the highest val_acc over the epochs reported (test_acc at that same epoch;
                  the earliest such epoch on ties)
-    last-k-mean  the mean val_acc over the trial's last min(k, epochs reached) epochs
+    last-k-mean  the mean val_acc over the trial's last min(k, epochs reached) epochs (test_acc:
+                 the mean over those of them that evaluated the test set)
+
+A search evaluates the test set only at the epochs a trial may end on, unless its spec says
+`test_eval: every_epoch` (`metrics.evaluates_test_set`): the scheduler's rungs and the budget's
+last epoch. So `last` always has its test_acc; `best-epoch` has it where the best epoch is one
+of those (else NaN), `last-k-mean` over those of its epochs.
 
 A trial stopped early by ASHA competes with the epochs it reached: a trial stopped at epoch 2
 is judged on epochs 1–2 against others' full runs. (ASHA stopped it because it trailed at a
@@ -452,12 +458,14 @@ def _score(
         window = curve[-1:] if scope == "last" else curve[-last_k:]
         if not all(_finite(r["val_acc"]) for r in window):
             return None
-    val, test, *clean = (statistics.fmean(_nan_if_none(r[k]) for r in window) for k in SCORED)
+    val, test, *clean = (_mean([r[k] for r in window if r[k] is not None]) for k in SCORED)
     return val, test, (clean[0], clean[1], clean[2])
 
 
-def _nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else value
+def _mean(values: list[float]) -> float:
+    """The mean of what was reported (a trial evaluates the test set at some epochs only:
+    `metrics.evaluates_test_set`); NaN when nothing was."""
+    return statistics.fmean(values) if values else math.nan
 
 
 def select_best(
@@ -520,6 +528,11 @@ def top_table(ref: Ref, k: int = 5, scope: str = "last", last_k: int = 3) -> str
         "clean est: the validation accuracy on clean labels estimated from val_acc through the "
         "noise's transition matrix, with its 95% interval (– where the matrix is unknown)",
     ]
+    if scope != "last" and ex.spec.test_eval == "milestones":
+        lines.append(
+            "test_acc: evaluated at the scheduler's rungs and each trial's last epoch only (spec "
+            "test_eval: milestones): nan where the scope's epochs lack it"
+        )
     for setting, candidates in ranked.items():
         counts = ", ".join(
             f"{statuses[setting].count(s)} {s}" for s in exp.STATUSES if s in statuses[setting]

@@ -198,6 +198,10 @@ class SearchSpec(_Strict):
     # Trials trained side by side, up to `pack` per pack worker (a process holding `resources`:
     # jal_search.packed, tune_packs); each is still its own trial to the searcher and scheduler.
     pack: StrictInt = Field(1, ge=1, le=128)
+    # When a trial evaluates the test set, which no decision uses: `milestones` — at the epochs
+    # it may end on (the scheduler's rungs and the budget's last epoch); `every_epoch` — the
+    # whole curve (as `results --scope best-epoch` wants it).
+    test_eval: Literal["milestones", "every_epoch"] = "milestones"
     storage_path: PathText = "jal_results"
     storage_shared: StrictBool = False  # a local storage_path that every node of the cluster sees
     tracking_uri: str | None = None
@@ -399,6 +403,8 @@ def plan(spec: SearchSpec) -> list[SettingPlan]:
     for key in ("epochs", "seed", "loss", "dataset", "noise_type", "noise_rate"):
         if key in spec.training:
             raise UserError(f"training.{key}: set this with the spec's own key, not under training")
+    if "test_epochs" in spec.training:
+        raise UserError("training.test_epochs: set the spec's test_eval (milestones|every_epoch)")
 
     base_fields = {
         "dataset": spec.dataset,
@@ -411,6 +417,9 @@ def plan(spec: SearchSpec) -> list[SettingPlan]:
         "threads": max(1, int(spec.resources.cpus_per_trial)),
         **spec.training,
         "epochs": spec.budget.epochs,
+        "test_epochs": (
+            spec.scheduler.rungs(spec.budget.epochs) if spec.test_eval == "milestones" else None
+        ),
     }
     fixed = {k: p.fixed for k, p in spec.space.items() if p.fixed is not None}
     shipped = {**valid, **shipped_loss_params(spec.dataset, loss)}

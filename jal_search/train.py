@@ -53,7 +53,7 @@ from jal_search.data import load_dataset
 from jal_search.errors import UserError
 from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
-from jal_search.metrics import epoch_metrics
+from jal_search.metrics import epoch_metrics, evaluates_test_set
 from jal_search.models import build_model
 from jal_search.noise import corrupt_labels, label_hash, realised_rate, validation_transition
 from jal_search.profiles import Profile, get_profile
@@ -264,13 +264,14 @@ def run_trial(
         train_loss = sums.loss.item() / max(sums.batches, 1)
         diverged = not math.isfinite(train_loss)
         n_wrong = int(sums.wrong.item())
+        tested = not diverged and evaluates_test_set(epoch + 1, cfg)
         metrics = epoch_metrics(
             epoch=epoch + 1,
             train_loss=train_loss,
             noisy_fit=sums.fit.item() / max(len(data.train_idx), 1),
             memorized=sums.memo.item() / n_wrong if n_wrong else math.nan,
             val_counts=confusion(net, val_batches, bf16) if val_batches and not diverged else None,
-            test_counts=confusion(net, test_batches, bf16) if not diverged else None,
+            test_counts=confusion(net, test_batches, bf16) if tested else None,
             transition=transition,
             lr=lr,
             noise_realised=data.noise_rate,

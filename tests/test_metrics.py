@@ -49,6 +49,41 @@ def test_both_loops_report_the_defined_metrics():
     assert tuple(alone) == tuple(packed) == metrics.NAMES
 
 
+def test_an_epoch_that_skips_the_test_set_has_no_test_acc_and_a_diverged_one_a_nan():
+    skipped = metrics.epoch_metrics(**{**ROW, "test_counts": None})
+    assert "test_acc" not in skipped and skipped["val_acc"] == 0.7
+    broken = metrics.epoch_metrics(**{**ROW, "test_counts": None, "train_loss": math.nan})
+    assert math.isnan(broken["test_acc"])
+
+
+def test_the_test_set_is_evaluated_at_the_listed_epochs_and_the_last_or_every_epoch():
+    config = TrialConfig(epochs=8, test_epochs=(1, 6))
+    assert [e for e in range(1, 9) if metrics.evaluates_test_set(e, config)] == [1, 6, 8]
+    every = config.model_copy(update={"test_epochs": None})
+    assert all(metrics.evaluates_test_set(e, every) for e in range(1, 9))
+
+
+def test_both_loops_evaluate_the_test_set_by_the_rule_and_as_every_epoch_would():
+    base = TrialConfig(
+        dataset="digits", epochs=3, loss="ce", noise_type="symmetric", noise_rate=0.4
+    )
+    scheduled = base.model_copy(update={"test_epochs": (1,)})
+    other = base.model_copy(update={"seed": 9, "test_epochs": ()})
+    packed = run_packed([scheduled, other])
+    every = run_packed([base, other.model_copy(update={"test_epochs": None})])
+    for history, full, tested in (
+        (run_trial(scheduled).history, run_trial(base).history, [1.0, 3.0]),
+        (packed[0].history, every[0].history, [1.0, 3.0]),
+        (packed[1].history, every[1].history, [3.0]),
+    ):
+        assert [h["epoch"] for h in history if "test_acc" in h] == tested
+        # evaluating or not changes no training: the values are the every-epoch run's
+        assert [h.get("test_acc", full[i]["test_acc"]) for i, h in enumerate(history)] == [
+            h["test_acc"] for h in full
+        ]
+        assert [h["val_acc"] for h in history] == [h["val_acc"] for h in full]
+
+
 def test_tables_tracking_and_progress_take_their_metrics_from_the_definition():
     epochs = results.schema("e", []).names
     trials = results.schema("t", []).names

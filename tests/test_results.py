@@ -256,6 +256,9 @@ def test_top_table_lists_the_ranking_with_scope_and_counts(path):
     ]
     # the clean-label estimate and its interval at the scored epoch (fabricate: 0.25 + val/2)
     assert " ".join(lines[0][3:6]) == "0.7250 [0.6750, 0.7750]"
+    # a scope whose epochs may lack test_acc says why (fabricate's spec: test_eval milestones)
+    assert "(spec test_eval: milestones)" in text
+    assert "test_eval" not in results.top_table(path, k=2)  # scope last: always evaluated
 
 
 def test_search_best_trials_uses_the_last_scope(path):

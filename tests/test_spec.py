@@ -50,6 +50,15 @@ def test_the_papers_config_is_evaluated_first_when_inside_the_space(tmp_path):
     assert plan(load_spec(write(tmp_path, narrow)))[0].points_to_evaluate == []
 
 
+def test_a_search_evaluates_the_test_set_at_its_rungs_unless_asked_for_every_epoch(tmp_path):
+    asha = {**GOOD, "budget": {"trials": 2, "epochs": 8}}  # grace 1, rf 6 (the default): 1, 6
+    assert plan(load_spec(write(tmp_path, asha)))[0].base.test_epochs == (1, 6)
+    unscheduled = {**asha, "scheduler": {"type": "none"}}  # the last epoch only
+    assert plan(load_spec(write(tmp_path, unscheduled)))[0].base.test_epochs == ()
+    every = {**asha, "test_eval": "every_epoch"}
+    assert plan(load_spec(write(tmp_path, every)))[0].base.test_epochs is None
+
+
 def test_a_trial_config_applies_the_sampled_point():
     (p,) = plan(load_spec("smoke"))[:1]
     cfg = p.trial({"alpha": 2.0, "beta": 0.5, "a": 12.0}).resolve()
@@ -85,6 +94,8 @@ BAD = [
     ({**GOOD, "name": "bad name/x"}, "spec.yaml.name"),
     ({**GOOD, "training": {"epochs": 3}}, "training.epochs: set this with the spec's own key"),
     ({**GOOD, "training": {"lr": -1}}, "spec.lr"),
+    ({**GOOD, "training": {"test_epochs": [1]}}, "training.test_epochs: set the spec's test_eval"),
+    ({**GOOD, "test_eval": "sometimes"}, "spec.yaml.test_eval"),
     ({**GOOD, "val_fraction": 0}, "spec.yaml.val_fraction"),
     ({**GOOD, "tracking_uri": "http://bob:pw@host:5000"}, "set MLFLOW_TRACKING_USERNAME"),
     ("name: [unclosed", "not valid YAML at line 1"),
