@@ -69,6 +69,7 @@ class Setup:
     max_epochs: int
     schedules: list[tuple[int, float]]  # (grace period, reduction factor)
     seeds: int
+    trials: int | None = None  # trials per replayed search (None: as many as the grid's configs)
 
 
 SHORT = Setup(
@@ -126,9 +127,7 @@ def run_grid(
         print(f"grid: {len(curves)}/{len(points)} configs in {time.perf_counter() - began:.0f} s")
         if save:
             partial = save.with_name(save.name + ".partial")
-            partial.write_text(
-                json.dumps([{"point": list(k), "val_acc": v} for k, v in curves.items()])
-            )
+            partial.write_text(dump(setup.base, curves))
 
     if workers == 1:
         for ps in packs:
@@ -141,8 +140,15 @@ def run_grid(
             for future in as_completed(futures):
                 done(futures[future], future.result())
     if save:
-        save.write_text(json.dumps([{"point": list(k), "val_acc": v} for k, v in curves.items()]))
+        save.write_text(dump(setup.base, curves))
+        save.with_name(save.name + ".partial").unlink(missing_ok=True)
     return curves
+
+
+def dump(setting: dict, curves: dict[tuple, list[float]]) -> str:
+    """The curves as JSON, with the setting they were trained at (read_curves checks it)."""
+    rows = [{"point": list(k), "val_acc": v} for k, v in curves.items()]
+    return json.dumps({"setting": setting, "curves": rows})
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,8 @@ class Options:
     stop_last_trials: bool = True  # ASHAScheduler(stop_last_trials=...)
     startup: int = 10  # TPESampler(n_startup_trials=...); 10 is Optuna's default, what Ray builds
     paper_first: bool = True  # the paper's config as the first trial when it lies on the grid
-    rule: str = "asha"  # or "successive_halving": Optuna's rule (spec scheduler.type)
+    rule: str = "asha"  # or successive_halving (Optuna's rule, spec scheduler.type), asha_after
+    least: int = 3  # asha_after: values a rung must hold before it stops a trial
     with_repeats: bool = False  # let TPE re-propose tried configs, as Ray's own OptunaSearch does
 
 
@@ -185,8 +192,9 @@ def replay(
     import numpy as np
     import optuna
     from optuna.distributions import CategoricalDistribution
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from jal_search.spec import Scheduler
     from jal_search.tune_search import SettingSearch, SuccessiveHalvingScheduler
 
     class WithRepeats(SettingSearch):  # TPE may propose a tried config again (Ray's OptunaSearch)
@@ -197,9 +205,10 @@ def replay(
     keys = list(setup.grid)
     paper = options.paper_first and all(PAPER[k] in setup.grid[k] for k in keys)
     folder = Path(tempfile.mkdtemp(prefix="jal-replay-"))  # the study's file, as in a search
+    trials = setup.trials or len(curves)
     searcher = (WithRepeats if options.with_repeats else SettingSearch)(
         folder,
-        len(curves),
+        trials,
         setup.max_epochs,
         seed,
         space={k: CategoricalDistribution(v) for k, v in setup.grid.items()},
@@ -209,6 +218,14 @@ def replay(
     scheduler = (
         SuccessiveHalvingScheduler(grace, rf)
         if options.rule == "successive_halving"
+        else FIFOScheduler()
+        if options.rule == "none"
+        else AshaAfter(
+            Scheduler(grace_period=grace, reduction_factor=rf).rungs(setup.max_epochs),
+            rf,
+            options.least,
+        )
+        if options.rule == "asha_after"
         else ASHAScheduler(  # as tune_search._scheduler builds it
             time_attr="epoch",
             metric="val_acc",
@@ -220,7 +237,6 @@ def replay(
             stop_last_trials=options.stop_last_trials,
         )
     )
-    trials = len(curves)
     queue: list[tuple[int, int, int]] = []  # (time of the next result, trial number, its epoch)
     running: dict[int, tuple[SimpleNamespace, list[float]]] = {}
 
@@ -259,19 +275,79 @@ def replay(
     return Replay(spent, max(finished, default=-math.inf))
 
 
+class AshaAfter:
+    """ASHA's rule as Ray applies it — a trial reaching a rung stops when its value is below the
+    (1 − 1/rf) percentile of the values recorded there before it — except that a rung stops no
+    trial until it holds `least` values: early rungs judge on more than one or two rivals."""
+
+    def __init__(self, rungs: list[int], rf: float, least: int) -> None:
+        self.rf, self.least = rf, least
+        self.recorded: dict[int, list[float]] = {epoch: [] for epoch in rungs}
+
+    def on_trial_add(self, _controller: object, _trial: object) -> None:
+        pass
+
+    def on_trial_complete(self, _controller: object, _trial: object, _result: dict) -> None:
+        pass
+
+    def on_trial_result(self, _controller: object, _trial: object, result: dict) -> str:
+        import numpy as np
+
+        before = self.recorded.get(result["epoch"])
+        if before is None:
+            return "CONTINUE"
+        cutoff = np.percentile(before, 100 * (1 - 1 / self.rf)) if len(before) >= self.least else 0
+        before.append(result["val_acc"])
+        return "STOP" if result["val_acc"] < cutoff else "CONTINUE"
+
+
 def schedule_list(text: str) -> list[tuple[int, float]]:
     """ "1:4,2:3" -> [(1, 4.0), (2, 3.0)]: (grace period, reduction factor) pairs."""
     return [(int(g), float(r)) for g, r in (item.split(":") for item in text.split(","))]
 
 
+def noise_setting(text: str) -> dict[str, object]:
+    """ "asymmetric:0.4" -> the trial config's noise fields."""
+    kind, rate = text.split(":")
+    return {"noise_type": kind, "noise_rate": float(rate)}
+
+
 def read_curves(path: Path, setup: Setup) -> tuple[dict[tuple, list[float]], Setup]:
     """The curves in `path` and `setup` narrowed to them (a sub-grid of `setup.grid` is fine)."""
-    curves = {tuple(c["point"]): c["val_acc"] for c in json.loads(path.read_text())}
+    saved = json.loads(path.read_text())
+    curves = {tuple(c["point"]): c["val_acc"] for c in saved["curves"]}
     grid = {k: sorted({point[i] for point in curves}) for i, k in enumerate(setup.grid)}
     epochs = {len(c) for c in curves.values()}
     if len(grid_points(grid)) != len(curves) or len(epochs) != 1:
         raise SystemExit(f"{path}: not a full grid of equally long curves")
+    if saved["setting"] != setup.base:
+        raise SystemExit(f"{path}: curves of {saved['setting']}, not of {setup.base} (--noise)")
     return curves, replace(setup, grid=grid, max_epochs=epochs.pop())
+
+
+RULES = ("none", "asha", "successive_halving", "asha_after")
+
+
+def compare(curves: dict, setup: Setup, options: Options, grid_best: float) -> None:
+    """Every rule on the same TPE seeds: epochs per search, best found, and against `none`
+    (every trial its full budget) on the same seed, how often the rule found as good a best."""
+    print(f"\n{'grace':>5} {'rf':>3} {'rule':<18} {'epochs':>7} {'best':>7} {'gap':>6} >=none")
+    for grace, rf in setup.schedules:
+        runs = {
+            rule: [
+                replay(curves, setup, grace, rf, seed, replace(options, rule=rule))
+                for seed in range(setup.seeds)
+            ]
+            for rule in RULES
+        }
+        for rule, rs in runs.items():
+            kept = sum(r.best >= n.best for r, n in zip(rs, runs["none"], strict=True))
+            print(
+                f"{grace:>5} {rf:>3g} {rule:<18} {statistics.mean(r.epochs for r in rs):>7.1f} "
+                f"{statistics.mean(r.best for r in rs):>7.4f} "
+                f"{100 * (grid_best - statistics.median(r.best for r in rs)):>6.2f} "
+                f"{kept}/{len(rs)}"
+            )
 
 
 def main() -> None:
@@ -281,6 +357,9 @@ def main() -> None:
     p.add_argument("--curves", type=Path, help="JSON of the grid's curves: read if it exists")
     p.add_argument("--schedules", type=schedule_list, help='grace:rf pairs, e.g. "1:4,2:3"')
     p.add_argument("--seeds", type=int, help="TPE seeds per schedule")
+    p.add_argument("--noise", type=noise_setting, help='the grid\'s noise, e.g. "asymmetric:0.4"')
+    p.add_argument("--epochs", type=int, help="each config's epochs (quick.yaml: 8)")
+    p.add_argument("--trials", type=int, help="trials per replayed search (quick.yaml: 12)")
     p.add_argument("--concurrency", type=int, default=Options.concurrency, help="trials at once")
     p.add_argument("--brackets", type=int, default=Options.brackets, help="ASHA brackets")
     p.add_argument("--startup", type=int, default=Options.startup, help="TPE's n_startup_trials")
@@ -292,14 +371,28 @@ def main() -> None:
     )
     p.add_argument(
         "--rule",
-        choices=["asha", "successive_halving"],
+        choices=RULES,
         default=Options.rule,
-        help="who stops trials: Ray's ASHA, or Optuna's successive-halving rule",
+        help="who stops trials: Ray's ASHA, Optuna's successive-halving rule, or ASHA that stops "
+        "nothing at a rung until it holds --least values",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help=f"replay every rule ({', '.join(RULES)}) per schedule",
+    )
+    p.add_argument(
+        "--least", type=int, default=Options.least, help="asha_after: values before a stop"
     )
     args = p.parse_args()
     setup = SHORT if args.short else FULL
     setup = replace(
-        setup, schedules=args.schedules or setup.schedules, seeds=args.seeds or setup.seeds
+        setup,
+        base={**setup.base, **(args.noise or {})},
+        max_epochs=args.epochs or setup.max_epochs,
+        schedules=args.schedules or setup.schedules,
+        seeds=args.seeds or setup.seeds,
+        trials=args.trials,
     )
     options = Options(
         concurrency=args.concurrency,
@@ -307,6 +400,7 @@ def main() -> None:
         startup=args.startup,
         paper_first=not args.no_paper_first,
         rule=args.rule,
+        least=args.least,
         with_repeats=args.with_repeats,
     )
     workers = 1 if args.short else args.workers or os.cpu_count() or 1
@@ -323,7 +417,7 @@ def main() -> None:
         setting=setup.base,
         grid=f"{setup.grid} = {points} configs × {setup.max_epochs} epochs",
         grid_curves=source,
-        replay=f"{options}, {setup.seeds} TPE seeds",
+        replay=f"{options}, {setup.trials or points} trials, {setup.seeds} TPE seeds",
     )
     if not (args.curves and args.curves.is_file()):
         curves = run_grid(setup, workers, args.pack, args.curves)
@@ -339,6 +433,9 @@ def main() -> None:
         f"{min(c[-1] for c in curves.values()):.4f}"
     )
 
+    if args.compare:
+        compare(curves, setup, options, grid_best[-1])
+        return
     print(f"\n{'grace':>5} {'rf':>3} {'epochs/grid':>11} {'gap (points)':>12}  seeds meeting both")
     rows = {}
     for grace, rf in setup.schedules:

@@ -63,7 +63,8 @@ def test_asha_efficiency_reports_epochs_and_gap_against_the_grid():
 def test_asha_efficiency_replays_optunas_rule_too(tmp_path):
     curves = tmp_path / "curves.json"
     out = run("asha_efficiency.py", "--curves", str(curves))  # trains the tiny grid, keeps it
-    asha = run("asha_efficiency.py", "--curves", str(curves))  # replays only, the same curves
+    replays = ("asha_efficiency.py", "--curves", str(curves))
+    asha = run(*replays)  # replays only, the same curves
     sh = run("asha_efficiency.py", "--curves", str(curves), "--rule", "successive_halving")
     assert "grid_curves: read from" in asha and "grid_curves: read from" in sh
     assert "successive_halving grace=1 rf=6 epochs / grid epochs" in ratios(sh)
@@ -72,6 +73,22 @@ def test_asha_efficiency_replays_optunas_rule_too(tmp_path):
     # pruner in tests/test_tune_adapter.py).
     table = lambda text: text.split("seeds meeting both")[1]  # noqa: E731
     assert table(asha) == table(out)
+    # Every rule on the same seeds: without one, every trial its full budget (8 configs × 4
+    # epochs); each rule spends at most that.
+    rows = re.findall(r"^\s+1\s+6 (\w+)\s+([\d.]+)\s", run(*replays, "--compare"), re.M)
+    epochs = {rule: float(e) for rule, e in rows}
+    assert list(epochs) == ["none", "asha", "successive_halving", "asha_after"]
+    assert epochs["none"] == 32.0 and max(epochs.values()) == 32.0 and min(epochs.values()) < 32
+    other = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "asha_efficiency.py"), "--short", "--noise",
+         "asymmetric:0.4", "--curves", str(curves)], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert other.returncode != 0 and "not of" in other.stderr  # curves of another setting
+
+
+def test_eval_cost_reports_the_share_of_an_epoch_without_the_test_set():
+    out = run("eval_cost.py", "--repeats", "1")
+    assert ratios(out) == ["epoch without the test set / with it"]
 
 
 @pytest.mark.slow
