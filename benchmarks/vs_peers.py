@@ -7,9 +7,9 @@ the spec's grace period and reduction factor; `max_concurrent_trials` at a time;
 per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, in every arm:
 
 - jal-search: `jal-search run SPEC --num-cpus N --storage-path TMP` (journals, checkpoints,
-  MLflow on SQLite, as shipped); epochs and best read from the experiment. Arm `jal-search sh`:
-  the same with `scheduler.type: successive_halving` (Optuna's promotion rule, as plain Optuna's
-  pruner applies it); `jal-search sh pack 2`: that in pack workers of 2 slots.
+  MLflow on SQLite, as shipped); epochs and best read from the experiment. Arm `jal-search asha`:
+  the same with `scheduler.type: asha` (Ray's ASHA) instead of the shipped rule;
+  `jal-search pack 2`: the shipped spec in pack workers of 2 slots.
 - stock Tune, as a user writes it (`tune_arm`): per noise setting a `tune.Tuner` with
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
@@ -42,12 +42,13 @@ from pathlib import Path
 import _common
 import yaml
 
-# jal-search's arms: the spec as shipped; with Optuna's promotion rule (`successive_halving`);
-# and with that rule in pack workers of 2 slots (a worker per CPU, so `max_concurrent_trials` off).
+# jal-search's arms: the spec as shipped (quick: Optuna's promotion rule, `successive_halving`);
+# with Ray's ASHA instead; and in pack workers of 2 slots (a worker per CPU, so
+# `max_concurrent_trials` off).
 VARIANTS: dict[str, dict] = {
     "jal-search": {},
-    "jal-search sh": {"scheduler": {"type": "successive_halving"}},
-    "jal-search sh pack 2": {"scheduler": {"type": "successive_halving"}, "pack": 2},
+    "jal-search asha": {"scheduler": {"type": "asha"}},
+    "jal-search pack 2": {"pack": 2},
 }
 ARMS = (*VARIANTS, "stock Tune", "plain Optuna")
 PEERS = {"stock Tune": "tune_arm", "plain Optuna": "optuna_arm"}  # run as `python -c`

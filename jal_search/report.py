@@ -158,7 +158,7 @@ def _split(
 
 
 # Trials ASHA stopped are scored at an earlier epoch than completed ones: another marker.
-KINDS = ((False, "o", "full budget"), (True, "v", "stopped by ASHA (scored at an earlier epoch)"))
+KINDS = ((False, "o", "full budget"), (True, "v", "stopped early (scored at an earlier epoch)"))
 
 
 def _alpha_beta(
@@ -256,7 +256,7 @@ def _rungs(setting: str, rows: list[dict[str, Any]], max_epochs: int) -> Figure:
     ax.set(
         xlabel="epoch",
         ylabel="trials that reached it",
-        title=f"{setting}: ASHA rungs ({len(rows)} trials)",
+        title=f"{setting}: rungs ({len(rows)} trials)",
     )
     return fig
 

@@ -461,7 +461,7 @@ def test_figures_carry_the_data(path):
 
     ax = figures[f"{SYM}_a"].axes[0]
     assert [len(c.get_offsets()) for c in ax.collections] == [3, 1]
-    assert ax.collections[1].get_label().startswith("stopped by ASHA")
+    assert ax.collections[1].get_label().startswith("stopped early")
     a_min = results.load_experiment(path).settings[0].a_min
     assert [tuple(line.get_xdata()) for line in ax.lines] == [(a_min, a_min)]
 
