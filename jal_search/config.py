@@ -31,6 +31,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from jal_search.errors import UserError
@@ -123,6 +124,16 @@ class TrialConfig(BaseModel):
     # auto: the profile's choice where the device runs bf16 fast, else fp32 (train.check_precision).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_compile(cls, data: Any) -> Any:
+        # `compile` was a field until issue 14, and configs recorded before (exports, results,
+        # recorded streams) hold `compile: false`: what runs now, so it is dropped. Anything else
+        # stays an unknown key; `trial_config` says why for user documents.
+        if isinstance(data, dict) and data.get("compile", True) is False:
+            return {k: v for k, v in data.items() if k != "compile"}
+        return data
+
     @field_validator("dataset", "loss", "noise_type")
     @classmethod
     def _lower(cls, value: str) -> str:
@@ -172,7 +183,7 @@ class TrialConfig(BaseModel):
 
 def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
     """Validate a dict into a TrialConfig; errors become one-line UserErrors naming the field."""
-    if "compile" in data:  # a field until issue 14; specs and exports may still set it
+    if data.get("compile", False) is not False:  # see TrialConfig._recorded_compile
         raise UserError(
             f"{where}.compile: no longer a setting (torch.compile made GPU epochs slower; on "
             "CUDA each step now runs as a CUDA graph without it): remove it"
