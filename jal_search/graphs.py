@@ -46,15 +46,18 @@ class GraphedStep:
         self._eager_steps = 0
 
     def __call__(self, *batch: torch.Tensor) -> None:
+        if not self.capture:  # off CUDA, or after a failed capture
+            self.step(*batch)
+            return
         shapes = [x.shape for x in batch]
         if self._shapes is None:
             self._shapes = shapes
-        if self.graph is not None and shapes == self._shapes:
+        if shapes != self._shapes:  # an epoch's last, partial batch
+            self.step(*batch)
+        elif self.graph is not None:
             for static, x in zip(self.inputs, batch, strict=True):
                 static.copy_(x)
             self.graph.replay()
-        elif not self.capture or self.graph is not None or shapes != self._shapes:
-            self.step(*batch)
         elif self._eager_steps < self.warmup:
             self._warm_up(batch)
             self._eager_steps += 1
