@@ -18,9 +18,11 @@ import torch
 from rounding import EPS32, EXACT, assert_within_rounding
 from test_packed import _members, _run_alone, _run_packed
 
+import jal_search.packed
 import jal_search.train
 from jal_search.config import TrialConfig
 from jal_search.graphs import GraphedStep
+from jal_search.packed import PackTrainer
 from jal_search.profiles import get_profile
 from jal_search.train import TensorLrSGD, check_precision, make_scheduler, run_trial
 
@@ -237,6 +239,41 @@ def test_a_graph_ready_trial_resumes_exactly_from_a_checkpoint_in_todays_format(
     _assert_same_history(resumed.history, straight.history)
     for key, value in states[-1]["model"].items():
         assert torch.equal(resumed_states[-1]["model"][key], value), key
+
+
+def test_replaying_run_trials_step_from_static_inputs_changes_no_result(graph_ready, monkeypatch):
+    # Warm-up, capture, replays from the static batch and eager partial batches, as on CUDA,
+    # with each "replay" running the step again on the static inputs (`_Simulated`).
+    config = _configs(device="cpu")[0]
+    eager = run_trial(config).history
+    simulated = lambda step, capture: _Simulated(step, capture=True)  # noqa: E731
+    monkeypatch.setattr(jal_search.train, "GraphedStep", simulated)
+    _assert_same_history(run_trial(config).history, eager)
+
+
+def test_a_pack_is_captured_again_when_its_members_change(monkeypatch):
+    captured = []
+
+    class Recorded(_Simulated):  # a pack's step as on CUDA: warm-up 1, capture, replays
+        def __init__(self, step, capture):
+            super().__init__(step, capture=True, warmup=1)
+
+        def _record(self, batch):
+            captured.append(self)
+            return super()._record(batch)
+
+    monkeypatch.setattr(jal_search.packed, "GraphedStep", Recorded)
+    configs = _configs(device="cpu", epochs=2)
+    trainer = PackTrainer(configs[0])
+    first, second = trainer.add(configs[0]), trainer.add(configs[1])
+    for _ in range(2):
+        trainer.train_epoch([first, second])
+    assert len(captured) == 1  # one layout, one capture for both epochs
+    third = trainer.add(configs[2])
+    trainer.train_epoch([third])
+    trainer.remove(first)
+    assert len(captured) == 2  # members changed: re-stacked, captured anew
+    assert [m.history[-1]["epoch"] for m in trainer.members.values()] == [2, 1]
 
 
 def test_auto_precision_on_cuda_takes_bf16_where_a_graphed_step_was_measured_faster(monkeypatch):
