@@ -32,8 +32,9 @@ class GraphedStep:
     their kernels and streams outside capture, as torch requires); the next batch of the first
     batch's shapes is captured and replayed, and so is every later batch of those shapes. A batch
     of other shapes (an epoch's last, partial one) runs eagerly: the same step on the same tensors.
-    Warm-up, capture and replay compute the same kernels as an eager step, so results are those
-    of the eager step (bit for bit on one machine, but for non-deterministic kernels).
+    Warm-up, capture and replay run the same kernels as an eager step, so results are the eager
+    step's, bit for bit on one machine but for non-deterministic kernels (tests/test_graphs.py:
+    a resumed graphed trial, whose first steps are eager again, ends as the uninterrupted one).
     """
 
     def __init__(self, step: Step, capture: bool, warmup: int = 3) -> None:
@@ -75,11 +76,12 @@ class GraphedStep:
             self.graph.replay()
 
     def _warm_up(self, batch: tuple[torch.Tensor, ...]) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(*batch)
-        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.device(batch[0].device):  # streams are made on the current device
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(*batch)
+            torch.cuda.current_stream().wait_stream(side)
 
     def _record(
         self, batch: tuple[torch.Tensor, ...]
@@ -87,6 +89,6 @@ class GraphedStep:
         """Capture the step over static copies of `batch` (nothing runs until a replay)."""
         inputs = tuple(x.clone() for x in batch)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(batch[0].device), torch.cuda.graph(graph):
             self.step(*inputs)
         return graph, inputs
