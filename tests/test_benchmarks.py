@@ -145,9 +145,8 @@ def test_gpu_arms_run_their_code_path_on_a_cpu():
     for m in models:
         assert re.search(rf"^step {m} fp32 batch 8: eager .* ms, graphed .* our loop ", out, re.M)
     for arm in ("graphed", "eager"):
-        assert re.search(
-            rf"^epoch {arm}: embedded default, seconds per epoch .*test_acc", out, re.M
-        )
+        assert re.search(rf"^epoch {arm} seed 1: embedded default, seconds per epoch ", out, re.M)
+    assert re.search(r"^epoch test_acc over seeds \[1\]: graphed mean .* eager range ", out, re.M)
     assert len(re.findall(r"^eval cnn_small, 1000 images, batch \d+: [0-9.]+ ms$", out, re.M)) == 3
     assert re.search(r"^search one at a time: 4 trials in .* best val_acc of completed", out, re.M)
     assert re.search(r"^search pack 2: 8 trials in ", out, re.M)
