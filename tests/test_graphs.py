@@ -46,8 +46,13 @@ ON_CUDA = dict(dataset="mnist", precision="fp32", device="cuda")
 # A step's longest sum: the first conv's weight gradient, 48 images × 8×8 (digits) or at most
 # 28×28 (MNIST) positions.
 LONGEST_SUM = {"digits": 48 * 8 * 8, "mnist": 48 * 28 * 28}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 seen = test_packed.seen  # the fixture: models and batches recorded, float64 on demand
+
+
+def _cuda(test):
+    """`pytest -m cuda tests/test_graphs.py` runs these on a GPU machine; skipped elsewhere."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))
 
 
 def _configs(**change):
@@ -296,7 +301,7 @@ def deterministic(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
 
-@CUDA
+@_cuda
 def test_a_graphed_trial_is_the_eager_trial_to_rounding(seen, monkeypatch, deterministic):
     seen.float64 = True
     for config in _configs(**ON_CUDA):
@@ -311,7 +316,7 @@ def test_a_graphed_trial_is_the_eager_trial_to_rounding(seen, monkeypatch, deter
         _assert_steps_agree(eager, eager_states, graphed, graphed_states, init)
 
 
-@CUDA
+@_cuda
 def test_a_graphed_pack_is_its_graphed_members_alone_to_rounding(seen, deterministic):
     seen.float64 = True
     configs = _configs(**ON_CUDA)
@@ -325,7 +330,7 @@ def test_a_graphed_pack_is_its_graphed_members_alone_to_rounding(seen, determini
             _assert_steps_agree(alone, alone_states, packed[i], packed_states[i], init)
 
 
-@CUDA
+@_cuda
 def test_a_resumed_graphed_trial_continues_exactly_as_the_uninterrupted_one(deterministic):
     config = _configs(**ON_CUDA)[0]
     states = []
