@@ -4,7 +4,7 @@ Three arms, same model (same init), batch size, data, optimiser and number of st
 
 - ours: the code path of `train.run_trial` — `loaders.train_loader` (uint8 tensor on the device,
   batched crop/flip and normalisation), `losses.build_loss` (one log-softmax shared by NCE and
-  AMSE), and run_trial's own step, `train.train_step` (SGD, L1 as its gradient l1·sign(θ),
+  AMSE), and run_trial's own step, `train.TrialStep` (SGD, L1 as its gradient l1·sign(θ),
   gradient clipping, metrics accumulated on the device and read once per epoch);
 - reference: upstream's loop — a torchvision DataLoader over per-image PIL transforms
   (Image.fromarray as torchvision's MNIST/CIFAR datasets do, then RandomCrop(32, padding=4) +
@@ -47,7 +47,7 @@ from jal_search.loaders import train_loader
 from jal_search.losses import build_loss
 from jal_search.models import build_model
 from jal_search.profiles import get_profile
-from jal_search.train import EpochSums, autocast, check_precision, train_step
+from jal_search.train import EpochSums, TrialStep, autocast, check_precision
 
 # JAL-CE with the paper's CIFAR-10 parameters and its L1 rule for AMSE losses (SPEC §1.4, §1.6).
 ALPHA, BETA, A, L1 = 1.0, 1.0, 30.0, 5e-5
@@ -109,8 +109,8 @@ def _forever(batches: Callable[[int], Iterator]) -> Iterator:
 
 
 def ours(w: Workload, device: torch.device, bf16: bool = False) -> Callable[[], None]:
-    """`steps` steps of run_trial's inner loop: `train.train_step` itself, as run_trial calls it
-    (`bf16`: with the `precision: bf16` option)."""
+    """`steps` steps of run_trial's inner loop: `train.TrialStep` itself, as run_trial calls it
+    (`train_step` eagerly on a CPU, one CUDA graph on CUDA; `bf16`: `precision: bf16`)."""
     ds = w.dataset
     profile = get_profile(w.profile)
     labels = ds.train_labels
@@ -126,16 +126,14 @@ def ours(w: Workload, device: torch.device, bf16: bool = False) -> Callable[[], 
     stream = _forever(loader.batches)
     model = _model(w).to(device)
     loss_fn = build_loss("jal_ce", ds.num_classes, alpha=ALPHA, beta=BETA, a=A)
-    optimizer = _sgd(model, w)
+    sums = EpochSums.zeros(device)
+    step = TrialStep(model, loss_fn, _sgd(model, w), L1, profile.grad_clip, sums, bf16, device)
 
     def run() -> None:
         model.train()
-        sums = EpochSums.zeros(device)
+        step.start_epoch()
         for _ in range(w.steps):
-            images, targets = next(stream)
-            train_step(
-                model, loss_fn, optimizer, images, targets, L1, profile.grad_clip, sums, bf16
-            )
+            step(*next(stream))
         sums.loss.item(), sums.fit.item(), sums.memo.item(), sums.wrong.item()  # once per epoch
 
     return run

@@ -383,7 +383,6 @@ def _add_train(verbs: Any) -> None:
         default="auto",
         help="bf16 autocast (auto: the profile's choice where the device has fast bf16)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
     p.add_argument(
         "--config",
@@ -459,7 +458,6 @@ def _from_flags(args: argparse.Namespace) -> Any:
             "device": args.device,
             "threads": args.threads,
             "precision": args.precision,
-            "compile": args.compile,
         },
         where="train",
     ).resolve()

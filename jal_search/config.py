@@ -6,7 +6,7 @@ self-contained — rerunning it needs nothing else. Unknown keys are errors, nev
 
 Also the one reader of user documents (specs, exported configs): `read_document` turns any file
 into plain data or a one-line UserError; and the field types of user input (`Number`,
-`NumberOrName`, `Seed`, `PathText`, with pydantic's StrictInt and StrictBool) that every model of
+`NumberOrName`, `Seed`, `PathText`, with pydantic's StrictInt) that every model of
 user input uses.
 
 Imports neither torch nor Ray: the search spec and the CLI's fast paths use it too.
@@ -28,10 +28,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StrictBool,
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from jal_search.errors import UserError
@@ -123,10 +123,19 @@ class TrialConfig(BaseModel):
     # bf16: the model's forward under bf16 autocast (weights, loss and optimiser stay fp32);
     # auto: the profile's choice where the device runs bf16 fast, else fp32 (train.check_precision).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: StrictBool = False  # torch.compile the model (for CUDA; measured slower on CPU)
     # Epochs evaluated on the test set besides the last (`metrics.evaluates_test_set`); None:
     # every epoch.
     test_epochs: tuple[StrictInt, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_compile(cls, data: Any) -> Any:
+        # `compile` was a field until issue 14, and configs recorded before (exports, results,
+        # recorded streams) hold `compile: false`: what runs now, so it is dropped. Anything else
+        # stays an unknown key; `trial_config` says why for user documents.
+        if isinstance(data, dict) and data.get("compile", True) is False:
+            return {k: v for k, v in data.items() if k != "compile"}
+        return data
 
     @field_validator("dataset", "loss", "noise_type")
     @classmethod
@@ -177,6 +186,11 @@ class TrialConfig(BaseModel):
 
 def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
     """Validate a dict into a TrialConfig; errors become one-line UserErrors naming the field."""
+    if data.get("compile", False) is not False:  # see TrialConfig._recorded_compile
+        raise UserError(
+            f"{where}.compile: no longer a setting (torch.compile made GPU epochs slower; on "
+            "CUDA each step now runs as a CUDA graph without it): remove it"
+        )
     try:
         return TrialConfig.model_validate(data)
     except ValidationError as err:

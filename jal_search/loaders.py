@@ -222,8 +222,9 @@ class TensorLoader:
         generator = _epoch_generator(self.seed, epoch)
         n = self.num_samples
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = to_device(order, self.device)  # once an epoch, not once a batch
         for start in range(0, n, self.batch_size):
-            rows = order[start : start + self.batch_size].to(self.device)
+            rows = order[start : start + self.batch_size]
             yield self._prepare(self.images[rows], generator), self.labels[rows]
 
     def _prepare(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -235,6 +236,14 @@ class TensorLoader:
             angles = (torch.rand(len(x), generator=generator) * 2 - 1) * aug.rotation
             x = rotate(x, angles)
         return x * self._scale + self._shift
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (on the CPU) on `device`. To CUDA from pinned memory, asynchronously: a copy from
+    pageable memory first waits for the GPU's queued work, which would stall every batch."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def crop_flip(
@@ -254,8 +263,8 @@ def crop_flip(
     if flip:
         flipped = torch.rand(n, 1, generator=generator) < 0.5
         cols = torch.where(flipped, w - 1 - cols, cols)
-    rows = (top + torch.arange(h)).to(images.device)
-    cols = (left + cols).to(images.device)
+    rows = to_device(top + torch.arange(h), images.device)
+    cols = to_device(left + cols, images.device)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indices around a slice put the indexed dims first: (n, h, w, c).
     out = images[batch, :, rows[:, :, None], cols[:, None, :]]
@@ -277,7 +286,8 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     matrix[:, 0, 1] = -sin * h / w
     matrix[:, 1, 0] = sin * w / h
     matrix[:, 1, 1] = cos
-    grid = F.affine_grid(matrix.to(images), list(images.shape), align_corners=False)
+    matrix = to_device(matrix.to(images.dtype), images.device)
+    grid = F.affine_grid(matrix, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 

@@ -34,6 +34,8 @@ How the members share one computation
   Activations are laid out (B, K·C, H, W) and (B, K·F): member k owns the k-th block of channels.
 - Losses, L1 (Σ|θ| per member), gradient clipping (one norm per member) and SGD with momentum act
   per member; the summed loss gives each member exactly its own gradient.
+- On CUDA a layout's step is captured once as a CUDA graph and replayed per batch (`_Step`,
+  `graphs.py`); a new layout is captured anew.
 
 Speed (benchmarks/packed.py): on CPU a member's step costs about what it costs alone up to K = 4
 and somewhat more at K = 8 (activations outgrow the caches); what packing saves is the per-process
@@ -77,6 +79,7 @@ from torch.func import functional_call
 from jal_search.config import TrialConfig
 from jal_search.data import IN_MEMORY_DATASETS, ImageSet
 from jal_search.errors import UserError
+from jal_search.graphs import GraphedStep
 from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics, evaluates_test_set
@@ -84,6 +87,7 @@ from jal_search.models import build_model
 from jal_search.noise import validation_transition
 from jal_search.profiles import Profile, get_profile
 from jal_search.train import (
+    EpochSums,
     Metrics,
     TrialData,
     TrialResult,
@@ -185,7 +189,9 @@ class PackTrainer:
         self._template: nn.Module | None = None
         self._images: torch.Tensor | None = None
         self._test: Loader | None = None
-        self.bf16 = check_precision(self.shared.precision, self.profile, self.device)
+        self.bf16 = check_precision(
+            self.shared.precision, self.profile, self.device, self.shared.model
+        )
 
     def add(self, config: TrialConfig, resume: dict[str, Any] | None = None) -> int:
         """A new member (from its checkpoint, a `state`, when given); returns its key."""
@@ -257,7 +263,7 @@ class PackTrainer:
         lr = [m.rates[m.epoch] for m in members]
         batches = _joined([m.loader for m in members], [m.epoch for m in members], self._pack)
         sums = self._step.epoch(batches, torch.tensor(lr, device=self.device))
-        train_loss = [s / max(sums.batches, 1) for s in sums.loss.tolist()]
+        train_loss = [s / len(members[0].loader) for s in sums.loss.tolist()]
         observed = [i for i, m in enumerate(members) if m.status == "training"]
         finite = any(math.isfinite(train_loss[i]) for i in observed)
         none = [None] * len(keys)
@@ -425,8 +431,6 @@ def check_packable(configs: Sequence[TrialConfig]) -> list[TrialConfig]:
     if not configs:
         raise UserError("configs: a pack needs at least one TrialConfig")
     cfgs = [c.resolve() for c in configs]
-    if any(c.compile for c in cfgs):
-        raise UserError("compile: packed trials run uncompiled; set compile: false or pack: 1")
     for i, c in enumerate(cfgs[1:], start=1):
         for name in SHARED_FIELDS:
             mine, theirs = getattr(c, name), getattr(cfgs[0], name)
@@ -631,57 +635,56 @@ def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------- training step
 
 
-@dataclass
-class _Sums:
-    """One epoch's per-member sums, kept on the device until the epoch ends."""
-
-    loss: torch.Tensor  # (K,) float: Σ batch-mean losses (L1 excluded)
-    fit: torch.Tensor  # (K,) long: predictions equal to the noisy label
-    memo: torch.Tensor  # (K,) long: ... where that label is wrong
-    wrong: torch.Tensor  # (K,) long: wrong labels seen
-    batches: int = 0
-
-
-@dataclass
 class _Step:
-    """run_trial's inner loop for all members: loss, L1, clipping, SGD, metrics."""
+    """run_trial's step for all members of one pack layout: loss, L1, clipping, SGD, metrics.
 
-    pack: Pack
-    losses: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-    optimizer: _StackedSGD
-    l1: torch.Tensor  # (K,)
-    grad_clip: float | None
-    bf16: bool
+    Its SGD (`_StackedSGD`) already reads its lr from a tensor, so the step is graph-ready as it
+    is: on CUDA, as `train.TrialStep`, one CUDA graph (`graphs.GraphedStep`) over static tensors
+    (the (K,) lr and the sums, updated in place each epoch), the epoch's last partial batch run
+    eagerly; eager elsewhere. A new layout (members joining or leaving) builds a new `_Step`, so
+    the pack is captured again after the re-stack.
+    """
+
+    def __init__(
+        self,
+        pack: Pack,
+        losses: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+        optimizer: _StackedSGD,
+        l1: torch.Tensor,  # (K,)
+        grad_clip: float | None,
+        bf16: bool,
+    ) -> None:
+        self.pack, self.losses, self.optimizer = pack, losses, optimizer
+        self.l1, self.use_l1, self.grad_clip, self.bf16 = l1, bool(l1.any()), grad_clip, bf16
+        device = l1.device
+        self.lr = torch.zeros(pack.k, device=device)
+        self.sums = EpochSums.zeros(device, (pack.k,))
+        self.run = GraphedStep(self.step, capture=device.type == "cuda")
 
     def epoch(
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], lr: torch.Tensor
-    ) -> _Sums:
-        k, device = self.pack.k, self.l1.device
-        counts = [torch.zeros(k, dtype=torch.long, device=device) for _ in range(3)]
-        sums = _Sums(torch.zeros(k, device=device), *counts)
-        use_l1 = bool(self.l1.any())
+    ) -> EpochSums:
+        self.lr.copy_(lr)
+        self.sums.zero_()
         self.pack.train()
         for images, labels in batches:
-            noisy, clean = labels[..., 0], labels[..., 1]  # (K, B) each
-            with autocast(images, self.bf16):
-                logits = self.pack(images).float()
-            loss = torch.stack([fn(logits[i], noisy[i]) for i, fn in enumerate(self.losses)])
-            self.optimizer.zero_grad()
-            loss.sum().backward()  # members are independent: each gets its own loss's gradient
-            if use_l1:
-                self.pack.add_l1_grad_(self.l1)
-            if self.grad_clip is not None:
-                self.pack.clip_grad_norm_(self.grad_clip)
-            self.optimizer.step(lr)
-            with torch.no_grad():
-                hits = logits.argmax(-1) == noisy
-                flipped = noisy != clean
-                sums.loss += loss.detach()
-                sums.fit += hits.sum(1)
-                sums.memo += (hits & flipped).sum(1)
-                sums.wrong += flipped.sum(1)
-            sums.batches += 1
-        return sums
+            self.run(images, labels)
+        return self.sums
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One wide batch (B, K·C, …) and its (K, B, 2) labels."""
+        noisy, clean = labels[..., 0], labels[..., 1]  # (K, B) each
+        with autocast(images, self.bf16):
+            logits = self.pack(images).float()
+        loss = torch.stack([fn(logits[i], noisy[i]) for i, fn in enumerate(self.losses)])
+        self.optimizer.zero_grad()
+        loss.sum().backward()  # members are independent: each gets its own loss's gradient
+        if self.use_l1:
+            self.pack.add_l1_grad_(self.l1)
+        if self.grad_clip is not None:
+            self.pack.clip_grad_norm_(self.grad_clip)
+        self.optimizer.step(self.lr)
+        self.sums.add(logits, loss, noisy, clean)
 
 
 # -------------------------------------------------------------------------- optimiser, data

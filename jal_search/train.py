@@ -8,7 +8,7 @@ Metrics per epoch: `metrics.METRICS` (names, meanings, and where each is used), 
 `metrics.epoch_metrics` here and in `packed.py` alike.
 
 Determinism — what equals what, and how exactly:
-- Bit for bit in any computation (alone or packed, any thread count, compiled or not): the noisy
+- Bit for bit in any computation (alone or packed, any thread count, graphed or not): the noisy
   labels (hence `label_hash`, `noise_realised`) and the split, the initial weights (from `seed`),
   each epoch's batches (order and augmentation from (seed, epoch)), the lr schedule and the epochs
   run. On any machine too, but for what goes through float arithmetic: generated
@@ -17,15 +17,20 @@ Determinism — what equals what, and how exactly:
   at float coordinates), and the initial weights on an x86 CPU without AVX2 (torch's scalar
   kernels round half of them 1 ulp otherwise; its AVX2 and AVX-512 ones agree).
 - Bit for bit given one computation: the same machine (CPU model or GPU, torch build), thread
-  count, layout (alone, or the same pack), precision and compile setting. A rerun, and a run
-  resumed from its state after epoch e, then give the uninterrupted run's metrics and weights
-  exactly (up to non-deterministic kernels, e.g. some CUDA ones).
+  count, layout (alone, or the same pack) and precision. A rerun, and a run resumed from its state
+  after epoch e, then give the uninterrupted run's metrics and weights exactly (up to
+  non-deterministic kernels, e.g. some CUDA ones). On CUDA each step is one replayed CUDA graph
+  (`TrialStep`, `graphs.py`): the same kernels as the same step run eagerly, which the first steps
+  of a run (and of a resumed one), each epoch's last partial batch, and every step after a failed
+  capture (one warning) are; so fresh or resumed, one machine gives one result (on CUDA: checked
+  by tests/test_graphs.py).
 - Per step only, to float rounding: the same step computed otherwise — another CPU model or
-  thread count (another reduction order), packed (`packed.py`), compiled, the L1 gradient added
-  after backward instead of an L1 term in the loss. A step's weights agree to a few eps·√n of the
-  update (n: the step's longest sum), except that now and then a value within rounding of a
-  ReLU's zero or a max-pool's tie sends one gradient term elsewhere (about 1 fp32 step in 300 of
-  the digits CNN, packed against alone).
+  thread count (another reduction order), packed (`packed.py`), the L1 gradient added after
+  backward instead of an L1 term in the loss, the graph-ready step that CUDA runs against the eager
+  one (`TensorLrSGD` rounds θ − lr·d in two operations where torch's SGD may fuse them). A step's
+  weights agree to a few eps·√n of the update (n: the step's longest sum), except that now and
+  then a value within rounding of a ReLU's zero or a max-pool's tie sends one gradient term
+  elsewhere (about 1 fp32 step in 300 of the digits CNN, packed against alone).
 - Over many noisy steps, in distribution only: those differences grow, the faster the noisier the
   labels and the larger the lr, so two computations of one config end at different weights and
   metrics (5 of 360 test images apart after 4 digits epochs packed against alone on an Intel
@@ -51,6 +56,7 @@ import torch
 from jal_search.config import SUBSET_SEED, VALIDATION_SEED, TrialConfig
 from jal_search.data import load_dataset
 from jal_search.errors import UserError
+from jal_search.graphs import GraphedStep
 from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics, evaluates_test_set
@@ -195,14 +201,12 @@ def run_trial(
 
     torch.manual_seed(cfg.seed)
     channels, size = _image_shape(ds)
-    model = build_model(cfg.model, ds.num_classes, channels, size).to(device)
-    # The compiled module shares the model's parameters; state dicts stay the model's own.
-    net = torch.compile(model) if cfg.compile else model
+    net = build_model(cfg.model, ds.num_classes, channels, size).to(device)
     loss_fn = build_loss(cfg.loss, ds.num_classes, **cfg.loss_params)
     profile = get_profile(cfg.dataset)
-    bf16 = check_precision(cfg.precision, profile, device)
+    bf16 = check_precision(cfg.precision, profile, device, cfg.model)
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        net.parameters(),
         lr=cfg.lr,
         momentum=profile.momentum,
         nesterov=profile.nesterov,
@@ -218,7 +222,7 @@ def run_trial(
                 "resume: the checkpoint was trained on different noisy labels "
                 f"({resume['label_hash']} != {data.label_hash}); start the trial afresh"
             )
-        model.load_state_dict(resume["model"])
+        net.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         history = list(resume["history"])
@@ -250,18 +254,18 @@ def run_trial(
         cfg.noise_type, cfg.noise_rate, ds.num_classes, cfg.dataset, cfg.val_labels
     )
 
+    sums = EpochSums.zeros(device)
+    step = TrialStep(net, loss_fn, optimizer, cfg.l1, profile.grad_clip, sums, bf16, device)
     status = "completed"
     for epoch in range(start, cfg.epochs):
         began = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         net.train()
-        sums = EpochSums.zeros(device)
+        step.start_epoch()
         for images, labels in train_batches.batches(epoch):
-            train_step(
-                net, loss_fn, optimizer, images, labels, cfg.l1, profile.grad_clip, sums, bf16
-            )
+            step(images, labels)
         scheduler.step()
-        train_loss = sums.loss.item() / max(sums.batches, 1)
+        train_loss = sums.loss.item() / len(train_batches)
         diverged = not math.isfinite(train_loss)
         n_wrong = int(sums.wrong.item())
         tested = not diverged and evaluates_test_set(epoch + 1, cfg)
@@ -280,7 +284,7 @@ def run_trial(
         )
         history.append(metrics)
         if report is not None:
-            report(metrics, _state(epoch + 1, model, optimizer, scheduler, data, history))
+            report(metrics, _state(epoch + 1, net, optimizer, scheduler, data, history))
         if diverged:
             status = "diverged"
             break
@@ -298,37 +302,40 @@ def make_scheduler(
 
 @dataclass
 class EpochSums:
-    """What an epoch's steps accumulate on the device; read once, at the epoch's end."""
+    """What an epoch's steps accumulate on the device, in place (a CUDA graph replays the adds);
+    read once, at the epoch's end. Shape (): one trial; (K,): one per member of a pack."""
 
     loss: torch.Tensor  # Σ batch-mean loss (the L1 term excluded)
     fit: torch.Tensor  # samples predicted as their noisy label
     memo: torch.Tensor  # samples with a wrong noisy label predicted as that label
     wrong: torch.Tensor  # samples with a wrong noisy label
-    batches: int = 0
 
     @classmethod
-    def zeros(cls, device: torch.device) -> EpochSums:
-        counts = [torch.zeros((), device=device, dtype=torch.long) for _ in range(3)]
-        return cls(torch.zeros((), device=device), *counts)
+    def zeros(cls, device: torch.device, shape: tuple[int, ...] = ()) -> EpochSums:
+        counts = [torch.zeros(shape, device=device, dtype=torch.long) for _ in range(3)]
+        return cls(torch.zeros(shape, device=device), *counts)
+
+    def zero_(self) -> None:
+        for total in (self.loss, self.fit, self.memo, self.wrong):
+            total.zero_()
 
     @torch.no_grad()
     def add(
         self, logits: torch.Tensor, loss: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor
     ) -> None:
-        """One batch's share, without a device→host sync."""
-        hits = logits.argmax(1) == noisy
+        """One batch's share, without a device→host sync (logits (…, B, classes), labels (…, B))."""
+        hits = logits.argmax(-1) == noisy
         flipped = noisy != clean
         self.loss += loss.detach()
-        self.fit += hits.sum()
-        self.memo += (hits & flipped).sum()
-        self.wrong += flipped.sum()
-        self.batches += 1
+        self.fit += hits.sum(-1)
+        self.memo += (hits & flipped).sum(-1)
+        self.wrong += flipped.sum(-1)
 
 
 def train_step(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | TensorLrSGD,
     images: torch.Tensor,
     labels: torch.Tensor,
     l1: float,
@@ -342,6 +349,8 @@ def train_step(
     L1 enters as its gradient, l1·sign(θ), added after backward: the gradient of adding
     l1·Σ|θ| to the loss, without building that term's graph (measured on CPU, 1 thread: ~1% of
     a cnn_small step, ~2% of a cnn_cifar one). `sums.loss` gets the loss without the L1 term.
+    With a `TensorLrSGD` it is graph-ready (see `graphs.py`): no host sync, and the gradients set
+    to None before backward are allocated by it (in a graph's own memory, when captured).
     """
     noisy, clean = labels[:, 0], labels[:, 1]
     with autocast(images, bf16):
@@ -357,6 +366,104 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     sums.add(logits, loss, noisy, clean)
+
+
+class TensorLrSGD:
+    """`optimizer`'s (a torch.optim.SGD: one group, dampening 0) update with its lr read from a
+    device tensor, so one CUDA graph serves every epoch: SGD's own step reads a tensor lr back to
+    the host (`_to_scalar`: a sync, which capture forbids), and a float lr is frozen into a graph.
+
+    The momentum buffers are the optimizer's own state, so `optimizer.state_dict()` stays the
+    checkpoint and `load_state_dict` the resume (build this after loading), and the scheduler
+    still sets `param_groups[0]["lr"]`: `set_lr()` copies it into the tensor once an epoch.
+    torch's math, step for step: d = g + wd·θ; b = μ·b + d (a zero buffer gives torch's first
+    b = d exactly); d = d + μ·b (Nesterov) or b; θ = θ − lr·d, where torch computes θ + (−lr)·d
+    (on CPU one fused multiply-add): the last rounding may differ, nothing else.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        (group,) = optimizer.param_groups
+        self.optimizer = optimizer
+        self.params: list[torch.Tensor] = list(group["params"])
+        self.momentum, self.nesterov = group["momentum"], group["nesterov"]
+        self.decay = group["weight_decay"]
+        first = self.params[0]
+        self.lr = torch.tensor(group["lr"], dtype=first.dtype, device=first.device)
+        self.buffers = [
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            for p in (self.params if self.momentum else [])
+        ]
+
+    def set_lr(self) -> None:
+        self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        if self.decay:
+            grads = torch._foreach_add(grads, params, alpha=self.decay)
+        if self.momentum:
+            buffers = [self.buffers[i] for i in live]
+            torch._foreach_mul_(buffers, self.momentum)
+            torch._foreach_add_(buffers, grads)
+            grads = (
+                torch._foreach_add(grads, buffers, alpha=self.momentum)
+                if self.nesterov
+                else buffers
+            )
+        torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr))
+        # torch's lr schedulers warn unless their optimizer's own step ran: this is its step.
+        self.optimizer._opt_called = True
+
+
+def use_graphs(device: torch.device) -> bool:
+    """Whether run_trial's and a pack's steps are graph-ready and captured: on CUDA only. On a
+    CPU there is no launch cost to save, and the eager step with torch's SGD stays as it was."""
+    return device.type == "cuda"
+
+
+class TrialStep:
+    """run_trial's step per batch (`train_step` on the live model, optimizer and `sums`).
+
+    Where `use_graphs`: graph-ready (a `TensorLrSGD` over `optimizer`) and captured as one CUDA
+    graph (`graphs.GraphedStep`); the epoch's last, partial batch runs eagerly on the same
+    tensors: one step in ~400 of the embedded default, a few ms an epoch, against a second graph
+    to capture and keep. Elsewhere: `train_step` with `optimizer` itself, eagerly, as before.
+    Call `start_epoch()` after the scheduler has set the epoch's lr, before its first batch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        l1: float,
+        grad_clip: float | None,
+        sums: EpochSums,
+        bf16: bool,
+        device: torch.device,
+    ) -> None:
+        self.sums = sums
+        self.sgd = TensorLrSGD(optimizer) if use_graphs(device) else None
+        stepper = optimizer if self.sgd is None else self.sgd
+
+        def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+            train_step(model, loss_fn, stepper, images, labels, l1, grad_clip, sums, bf16)
+
+        self.run = GraphedStep(step, capture=self.sgd is not None and device.type == "cuda")
+
+    def start_epoch(self) -> None:
+        self.sums.zero_()
+        if self.sgd is not None:
+            self.sgd.set_lr()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.run(images, labels)
 
 
 def _image_shape(ds: Any) -> tuple[int, int]:
@@ -382,16 +489,38 @@ def confusion(model: torch.nn.Module, loader: Any, bf16: bool = False) -> np.nda
 
 
 def autocast(images: torch.Tensor, bf16: bool) -> torch.autocast:
-    """The forward's precision context: bf16 autocast on the images' device, or a no-op."""
-    return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16)
+    """The forward's precision context: bf16 autocast on the images' device, or a no-op. On CUDA
+    without autocast's cache of cast weights, which a captured graph must not hold (torch's CUDA
+    graphs notes: autocast under capture needs cache_enabled=False)."""
+    cache = images.device.type != "cuda"
+    return torch.autocast(images.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cache)
 
 
-def check_precision(precision: str, profile: Profile, device: torch.device) -> bool:
-    """Whether to run bf16 autocast: as asked, or (`auto`) the profile's choice on a device with
-    fast bf16 — elsewhere autocast would emulate it, slower than fp32. UserError for bf16 on a GPU
-    without it."""
+# `precision: auto` on CUDA takes bf16 only for a model whose step, captured as a CUDA graph (as
+# run_trial runs it there), was measured faster in bf16: ms per step at batch 128, (fp32, bf16),
+# on one H200 with torch 2.11 (../shared/GPU.md, 2026-12-04; `benchmarks/gpu.py` measures them
+# again). Eager bf16 was slower for both (cnn_small 2.60 → 3.13 ms, cnn_cifar 4.88 → 5.12): bf16
+# autocast adds casts to a launch-bound step. A model not measured here runs fp32 on CUDA.
+CUDA_GRAPHED_STEP_MS: dict[str, tuple[float, float]] = {
+    "cnn_small": (0.51, 0.52),  # no faster: fp32
+    "cnn_cifar": (2.19, 1.75),  # bf16, where its profile allows it (its accuracy measured)
+}
+
+
+def check_precision(
+    precision: str, profile: Profile, device: torch.device, model: str | None = None
+) -> bool:
+    """Whether to run bf16 autocast: as asked, or (`auto`) where the profile allows bf16 (its
+    accuracy was measured to be kept) and it was measured to pay for `model` (default: the
+    profile's) on `device`: on a CPU with fast bf16 (elsewhere autocast would emulate it, slower
+    than fp32), on CUDA per `CUDA_GRAPHED_STEP_MS`. UserError for bf16 on a GPU without it."""
     if precision == "auto":
-        return profile.precision == "bf16" and fast_bf16(device)
+        if profile.precision != "bf16" or not fast_bf16(device):
+            return False
+        if device.type != "cuda":
+            return True
+        fp32_ms, bf16_ms = CUDA_GRAPHED_STEP_MS.get(model or profile.model, (0.0, math.inf))
+        return bf16_ms < fp32_ms
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "

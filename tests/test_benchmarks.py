@@ -143,9 +143,27 @@ def test_gpu_says_at_once_that_it_needs_cuda():
     )
 
 
-def test_gpu_search_arm_runs_its_code_path_on_a_cpu():
-    # The recorded stream of a real search through one trial at a time and a pack of 2.
+def test_gpu_arms_run_their_code_path_on_a_cpu():
+    # Step arms: three models (tiny batches, fp32 only on a CPU); the embedded default's epochs
+    # through run_trial; evaluation at three batch sizes; then the recorded stream of a real
+    # search through one trial at a time and a pack of 2.
     out = run("gpu.py", "--device", "cpu")
-    assert ratios(out) == ["search trials per hour, pack 2 / one at a time"]
+    models = ("cnn_small", "cnn_cifar", "resnet34_cifar")
+    assert ratios(out) == [
+        "cnn_small fp32 our loop / graphed floor step time",
+        "cnn_small our loop step ms, faster precision",
+        "cnn_cifar fp32 our loop / graphed floor step time",
+        "cnn_cifar our loop step ms, faster precision",
+        "resnet34_cifar fp32 our loop / graphed floor step time",
+        "embedded default epoch s after the first, graphed",
+        "embedded default epoch time, eager / graphed",
+        "search trials per hour, pack 2 / one at a time",
+    ]
+    for m in models:
+        assert re.search(rf"^step {m} fp32 batch 8: eager .* ms, graphed .* our loop ", out, re.M)
+    for arm in ("graphed", "eager"):
+        assert re.search(rf"^epoch {arm} seed 1: embedded default, seconds per epoch ", out, re.M)
+    assert re.search(r"^epoch test_acc over seeds \[1\]: graphed mean .* eager range ", out, re.M)
+    assert len(re.findall(r"^eval cnn_small, 1000 images, batch \d+: [0-9.]+ ms$", out, re.M)) == 3
     assert re.search(r"^search one at a time: 4 trials in .* best val_acc of completed", out, re.M)
     assert re.search(r"^search pack 2: 8 trials in ", out, re.M)

@@ -263,12 +263,6 @@ def test_configs_that_cannot_share_a_pack_are_refused(change, field):
         check_packable([first, first.model_copy(update={"seed": 2, **change})])
 
 
-def test_a_compiled_pack_is_refused():
-    config = TrialConfig(**BASE, seed=1, compile=True)
-    with pytest.raises(UserError, match="compile: packed trials run uncompiled"):
-        check_packable([config, config.model_copy(update={"seed": 2})])
-
-
 def test_an_empty_pack_is_refused():
     with pytest.raises(UserError, match="at least one"):
         run_packed([])
