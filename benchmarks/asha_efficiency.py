@@ -29,6 +29,14 @@ every rung. Random sampling (`--startup 48`: TPE's startup trials are random) sp
 Startup 5 or 20, concurrency 1, 2 brackets (tried on a 24-config sub-grid) and
 stop_last_trials=False (same decisions) do not help.
 
+`--noise`, `--epochs` and `--trials` shape the grid and the replays like another search (the
+quick search: 8 epochs, 12 trials; its curves at three noise settings are kept in
+benchmarks/data/grid8_*.json). `--compare` replays every rule on the same TPE seeds — none,
+Ray's ASHA, Optuna's successive halving, and ASHA that waits for `--least` values at a rung —
+and prints epochs per search, the mean best, and how often each found as good a best as `none`.
+Findings (benchmarks/README.md, "Which rule stops trials"): Optuna's rule trains 16–18% fewer
+epochs than ASHA for the same best at all three settings; it is the shipped default.
+
     .venv/bin/python benchmarks/asha_efficiency.py --short   # digits, tiny grid, seconds
     .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json
         # MNIST 20k, 48 configs × 20 epochs: ~1 h on 2 shared CPUs, then a minute of replays;
@@ -37,6 +45,9 @@ stop_last_trials=False (same decisions) do not help.
         # replays only (a minute): here TPE as Ray's own OptunaSearch runs it
     .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json --rule successive_halving
         # replays only: Optuna's promotion rule (spec scheduler.type: successive_halving)
+    .venv/bin/python benchmarks/asha_efficiency.py --noise asymmetric:0.4 --trials 12 \
+        --curves benchmarks/data/grid8_asymmetric0.4.json --seeds 50 --schedules 1:6 --compare
+        # every rule on the quick search's shape (the curves' epochs: 8), seconds
 """
 
 from __future__ import annotations
