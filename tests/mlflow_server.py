@@ -16,11 +16,20 @@ import time
 import urllib.request
 from pathlib import Path
 
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now on 127.0.0.1 and never handed out before by this process: the OS may
+    offer a just-released port again, and two components given one port collide (a Ray node
+    refuses to start)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class MlflowServer:
