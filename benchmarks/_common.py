@@ -11,16 +11,18 @@ README read start with `ratio ` and have the form
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "torchvision", "numpy", "ray", "optuna", "jal-search")
@@ -65,6 +67,12 @@ def interleaved(arms: dict[str, Callable[[], float]], repeats: int) -> dict[str,
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(arms[name]())
     return times
+
+
+def forever(batches: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
+    """Batches of epoch 0, 1, 2, … without end (`batches(epoch)`: one epoch's)."""
+    for epoch in itertools.count():
+        yield from batches(epoch)
 
 
 def clock(name: str) -> Callable[[], float]:

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,12 +181,6 @@ def _dataset(name: str, short: bool) -> Any:
                     augment, "random uint8")  # fmt: skip
 
 
-def _forever(batches: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
-    """Batches of epoch 0, 1, 2, … without end."""
-    for epoch in itertools.count():
-        yield from batches(epoch)
-
-
 def _timed(step: Callable[[], object], steps: int, sync: Callable[[], None]) -> Callable[[], float]:
     """A callable that runs `steps` steps and returns their seconds (the device's work included)."""
 
@@ -212,7 +205,7 @@ def step_arm(name: str, target: float | None, device: Any, short: bool, repeats:
     from jal_search.losses import build_loss
     from jal_search.models import build_model
     from jal_search.profiles import get_profile
-    from jal_search.train import EpochSums, TrialStep, train_step
+    from jal_search.train import EpochSums, TrialStep, make_optimizer, train_step
 
     cuda = device.type == "cuda"
     ds = _dataset(name, short)
@@ -230,9 +223,7 @@ def step_arm(name: str, target: float | None, device: Any, short: bool, repeats:
         torch.manual_seed(0)
         shape = ds.train_images.shape
         model = build_model(cfg.model, ds.num_classes, shape[1], shape[-1]).to(device)
-        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=profile.momentum,
-                              nesterov=profile.nesterov, weight_decay=cfg.l2)  # fmt: skip
-        return model, sgd
+        return model, make_optimizer(model, profile, cfg)
 
     def trial_step(bf16: bool) -> Any:
         model, sgd = model_and_sgd()
@@ -244,7 +235,7 @@ def step_arm(name: str, target: float | None, device: Any, short: bool, repeats:
     def arms_of(bf16: bool) -> dict[str, Callable[[], object]]:
         model, sgd = model_and_sgd()
         sums = EpochSums.zeros(device)
-        graphed, ours, stream = trial_step(bf16), trial_step(bf16), _forever(loader.batches)
+        graphed, ours, stream = trial_step(bf16), trial_step(bf16), _common.forever(loader.batches)
         return {
             "eager": lambda: train_step(
                 model, loss_fn, sgd, *one, cfg.l1, profile.grad_clip, sums, bf16

@@ -30,8 +30,7 @@ Targets: ours ≥ 2× the reference's samples/s; our step time ≤ 1.15× the fl
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import _common
@@ -99,12 +98,6 @@ def _sgd(model: torch.nn.Module, w: Workload) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov)
 
 
-def _forever(batches: Callable[[int], Iterator]) -> Iterator:
-    """Batches of epoch 0, 1, 2, … without end."""
-    for epoch in itertools.count():
-        yield from batches(epoch)
-
-
 # ------------------------------------------------------------------------------------- ours
 
 
@@ -123,7 +116,7 @@ def ours(w: Workload, device: torch.device, bf16: bool = False) -> Callable[[], 
         device=device,
         seed=0,
     )
-    stream = _forever(loader.batches)
+    stream = _common.forever(loader.batches)
     model = _model(w).to(device)
     loss_fn = build_loss("jal_ce", ds.num_classes, alpha=ALPHA, beta=BETA, a=A)
     sums = EpochSums.zeros(device)
@@ -189,7 +182,7 @@ def reference(w: Workload, device: torch.device, workers: int) -> Callable[[], N
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(0),
     )
-    stream = _forever(lambda epoch: iter(loader))
+    stream = _common.forever(lambda epoch: iter(loader))
     model = _model(w).to(device)
     optimizer = _sgd(model, w)
 

@@ -205,13 +205,7 @@ def run_trial(
     loss_fn = build_loss(cfg.loss, ds.num_classes, **cfg.loss_params)
     profile = get_profile(cfg.dataset)
     bf16 = check_precision(cfg.precision, profile, device, cfg.model)
-    optimizer = torch.optim.SGD(
-        net.parameters(),
-        lr=cfg.lr,
-        momentum=profile.momentum,
-        nesterov=profile.nesterov,
-        weight_decay=cfg.l2,
-    )
+    optimizer = make_optimizer(net, profile, cfg)
     scheduler = make_scheduler(optimizer, profile, cfg.epochs)
 
     history: list[Metrics] = []
@@ -289,6 +283,17 @@ def run_trial(
             status = "diverged"
             break
     return TrialResult(status=status, history=history, data=data)
+
+
+def make_optimizer(model: torch.nn.Module, profile: Profile, cfg: TrialConfig) -> torch.optim.SGD:
+    """The profile's SGD (momentum, Nesterov) at the resolved config's lr and weight decay."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=profile.momentum,
+        nesterov=profile.nesterov,
+        weight_decay=cfg.l2,
+    )
 
 
 def make_scheduler(

@@ -218,16 +218,24 @@ def graph_ready(monkeypatch):
     monkeypatch.setattr(jal_search.train, "use_graphs", lambda device: True)
 
 
+def _assert_alike_with_graphs(config, seen, monkeypatch, graphs: bool) -> None:
+    """`config` alone as its device runs it, then with `use_graphs` forced to `graphs`: the two
+    agree step for step to float rounding. A capture that fails is an error, not a fallback."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "CUDA graph capture failed")
+        native, native_states = _run_alone(config)
+    (init,), _ = seen.take()
+    with monkeypatch.context() as m:
+        m.setattr(jal_search.train, "use_graphs", lambda device: graphs)
+        forced, forced_states = _run_alone(config)
+    seen.take()
+    _assert_steps_agree(native, native_states, forced, forced_states, init)
+
+
 def test_the_graph_ready_step_run_eagerly_is_todays_step_to_rounding(seen, monkeypatch):
     seen.float64 = True
     for config in _configs(device="cpu"):
-        today, today_states = _run_alone(config)
-        (init,), _ = seen.take()
-        with monkeypatch.context() as m:
-            m.setattr(jal_search.train, "use_graphs", lambda device: True)
-            ready, ready_states = _run_alone(config)
-        seen.take()
-        _assert_steps_agree(today, today_states, ready, ready_states, init)
+        _assert_alike_with_graphs(config, seen, monkeypatch, graphs=True)
 
 
 def test_a_graph_ready_trial_resumes_exactly_from_a_checkpoint_in_todays_format(graph_ready):
@@ -305,15 +313,7 @@ def deterministic(monkeypatch):
 def test_a_graphed_trial_is_the_eager_trial_to_rounding(seen, monkeypatch, deterministic):
     seen.float64 = True
     for config in _configs(**ON_CUDA):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", "CUDA graph capture failed")  # no eager fallback
-            graphed, graphed_states = _run_alone(config)
-        (init,), _ = seen.take()
-        with monkeypatch.context() as m:
-            m.setattr(jal_search.train, "use_graphs", lambda device: False)
-            eager, eager_states = _run_alone(config)
-        seen.take()
-        _assert_steps_agree(eager, eager_states, graphed, graphed_states, init)
+        _assert_alike_with_graphs(config, seen, monkeypatch, graphs=False)
 
 
 @_cuda
