@@ -7,7 +7,9 @@ and `validate` answer quickly. User mistakes print one line and exit 2; nothing 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumable = getattr(args, "verb", None) in ("run", "resume", "extend")
         print(f"jal-search: interrupted{hint if resumable else ''}", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The console script: `main`, the exit handlers (Ray's shutdown among them), then out
+    without Python tearing its modules down one by one, which takes a second or more once torch,
+    Ray and MLflow are loaded, after the last line was printed and every file closed."""
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more reaches it
+            pass
+    os._exit(code)
 
 
 def _one_line(text: str) -> str:
@@ -529,4 +545,4 @@ def _list(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

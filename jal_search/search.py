@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,13 @@ def run(
         load_dataset(spec.dataset, spec.data_root, download=True)
     if address is None:
         _check_data(plans)
-    with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
+    with _session(spec, path, address, num_cpus) as (tracker, release), exp.locked(path):
         if (path / exp.MANIFEST).exists():  # another driver created it while Ray started
             raise UserError(f"experiment {spec.name!r} was just created at {path} by another run")
         manifest = new_manifest(spec, plans, str(source))
         exp.write_json_atomic(path / exp.MANIFEST, manifest)
         print(f"experiment {spec.name}: {path}", flush=True)
-        _drive(spec, plans, path, tracker)
+        _drive(spec, plans, path, tracker, release)
     return path
 
 
@@ -117,8 +117,8 @@ def resume(
     tune_adapter.refuse_older_layout(path, [s["name"] for s in manifest["settings"]])
     raw = manifest["spec"] | ({"tracking_uri": tracking_uri} if tracking_uri else {})
     spec = parse_spec(raw, where="experiment.json")
-    with _session(spec, path, address, num_cpus) as tracker, exp.locked(path):
-        _drive(spec, plan(spec), path, tracker)
+    with _session(spec, path, address, num_cpus) as (tracker, release), exp.locked(path):
+        _drive(spec, plan(spec), path, tracker, release)
     return path
 
 
@@ -263,8 +263,9 @@ def _check_data(plans: list[SettingPlan]) -> None:
 @contextlib.contextmanager
 def _session(
     spec: SearchSpec, path: Path, address: str | None, num_cpus: int | None
-) -> Iterator[Any]:
-    """Ray connected and checked, and an MLflow tracker, for the length of a search."""
+) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """Ray connected and checked, and an MLflow tracker, for the length of a search; with them,
+    `release()`, which lets Ray go sooner (it is let go at the end anyway)."""
     from jal_search import tracking, tune_adapter
 
     cluster = tune_adapter.connect(address, num_cpus)
@@ -272,12 +273,18 @@ def _session(
         tune_adapter.check_resources(spec, cluster)
         uri = spec.tracking_uri or tracking.default_tracking_uri(path)
         tracking.check_multi_node(uri, cluster.nodes)
-        yield tracking.Tracker(uri, spec.name)
+        yield tracking.Tracker(uri, spec.name), lambda: tune_adapter.disconnect(cluster)
     finally:
         tune_adapter.disconnect(cluster)
 
 
-def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any) -> None:
+def _drive(
+    spec: SearchSpec,
+    plans: list[SettingPlan],
+    path: Path,
+    tracker: Any,
+    release: Callable[[], None],
+) -> None:
     from jal_search import tune_adapter
 
     tracker.start(exp.read_manifest(path), background=True, path=path)
@@ -294,6 +301,9 @@ def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, tracker: Any)
         failed = tune_adapter.run_search(
             spec, plans, str(path), counts, tracker=tracker, on_setting_start=on_setting_start
         )
+        # A private Ray's shutdown (a second or more of waiting on its processes) while the
+        # tracker ends the last setting in the background (its report's plots: a second).
+        release()
         for name, trials in failed.items():
             failures = {t["trial_id"]: t["error"] for t in trials}
             exp.update_setting(path, name, status="done", failures=failures)

@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,8 +186,10 @@ class Tracker:
         self._pending: dict[str, _Pending] = {}
         self._retry_at = 0.0
         self._warned = False
-        self._busy = threading.Lock()  # one MLflow caller at a time: the driver or the starter
-        self._starter: threading.Thread | None = None
+        self._busy = threading.Lock()  # one MLflow caller at a time: the driver or a background one
+        self._background: list[
+            threading.Thread
+        ] = []  # the start, settings' ends: `wait` joins them
         self._path: Path | None = None  # the experiment folder: journals, and settings' reports
         self._ended: dict[str, dict[str, str]] = {}  # live: setting → {trial id: status}
 
@@ -199,19 +201,14 @@ class Tracker:
         """Ensure the experiment and one parent run per noise setting.
 
         `background`: in a thread, so that a new store's set-up (seconds for SQLite's schema)
-        overlaps the search's start; live results queue meanwhile, and `sync` waits for it.
+        overlaps the search's start; live results queue meanwhile, and `wait` joins it.
         `path`: the experiment folder, where runs take their times from the trials' journals and
-        each setting's report is made as it ends.
+        each setting's report is made as it ends (in the background, like the start: its plots
+        take a second, which the search's loop would otherwise stand still for).
         """
         self._manifest = manifest
         self._path = path
-        if background:
-            self._starter = threading.Thread(
-                target=self._live, args=(self._start_parents,), daemon=True
-            )
-            self._starter.start()
-        else:
-            self._live(self._start_parents)
+        self._background_if(background, self._start_parents)
 
     def on_result(
         self, setting: str, trial_id: str, params: dict[str, Any], result: dict[str, Any]
@@ -232,7 +229,22 @@ class Tracker:
         ended = self._ended.setdefault(setting, {})
         ended[trial_id] = status
         if self._path is not None and len(ended) == int(self._setting(setting)["trials"]):
-            self._live(lambda: self._finish_live(setting))
+            self._background_if(True, lambda: self._finish_live(setting))
+
+    def wait(self) -> None:
+        """Until what the live path runs in the background (the start, settings' ends) is done."""
+        while self._background:
+            self._background.pop(0).join()
+
+    def _background_if(self, background: bool, action: Callable[[], None]) -> None:
+        """`action` on the live path: in a thread of its own that waits its turn at MLflow
+        (`wait` joins it), or now, unless another MLflow call is under way."""
+        if not background:
+            self._live(action)
+            return
+        thread = threading.Thread(target=self._live, args=(action, True), daemon=True)
+        thread.start()
+        self._background.append(thread)
 
     def _finish_live(self, setting: str) -> None:
         """The setting's last trial has ended: its best trial and report, its parent ended.
@@ -266,11 +278,13 @@ class Tracker:
         pending.params = pending.params or dict(params)
         return pending
 
-    def _live(self, action: Any) -> None:
+    def _live(self, action: Callable[[], None], queue: bool = False) -> None:
+        """Run `action` now; on an MLflow failure warn once and keep the backlog for later.
+        `queue`: wait for an MLflow call under way rather than leave it to the next call."""
         if time.monotonic() < self._retry_at:
             return  # in an outage: keep the backlog, try again later
-        if not self._busy.acquire(blocking=False):
-            return  # the background start is still at it: keep the backlog for the next call
+        if not self._busy.acquire(blocking=queue):
+            return  # a background call is at it: keep the backlog for the next call
         try:
             with _mlflow_settings(LIVE_RETRIES):
                 action()
@@ -314,8 +328,7 @@ class Tracker:
 
         from jal_search import results
 
-        if self._starter is not None:
-            self._starter.join()
+        self.wait()
         ex = results.load_experiment(path)
         self._manifest, self._path = ex.manifest, path
         report = SyncReport()

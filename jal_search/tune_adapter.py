@@ -16,6 +16,7 @@ are the only ones that import Ray.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -125,6 +126,10 @@ def _keep_loopback(address: str) -> Iterator[None]:
 
 def disconnect(cluster: Cluster) -> None:
     if cluster.started_here and ray.is_initialized():
+        # Tune leaves Ray handles in reference cycles: freed by a collection after the shutdown
+        # (in whatever thread), they would call into Ray's stopped core worker, which then ends
+        # the process.
+        gc.collect()
         ray.shutdown()
 
 

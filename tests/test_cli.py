@@ -67,6 +67,25 @@ def test_help_and_spaces_do_not_import_ray_or_mlflow():
     assert "quick" in out.stdout
 
 
+def test_the_console_script_exits_with_the_command_s_code_after_the_exit_handlers():
+    # `entry` leaves without Python's module teardown: the exit handlers (Ray's shutdown among
+    # them) still run, and everything printed reaches the pipe, on success and on a user error.
+    code = (
+        "import atexit, sys; from jal_search import cli; "
+        "atexit.register(print, 'exit handler ran'); cli.entry()"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-c", code, "list", "losses"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "nceandamse" in ok.stdout
+    assert ok.stdout.splitlines()[-1] == "exit handler ran"
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "list", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("jal-search: error: ")
+    assert bad.stdout == "exit handler ran\n"
+
+
 def test_an_exported_config_reruns_unchanged(tmp_path):
     # `export` → `train --config` reproduces the exported trial: same config, same metrics.
     from fabricate import FakeTrial, fabricate

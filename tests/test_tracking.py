@@ -360,6 +360,7 @@ def test_a_setting_ended_live_has_its_best_trial_and_report_without_a_sync(serve
             assert parent.info.status == "RUNNING"
             assert not parent_files(client, parent.info.run_id) - {"spec.yaml"}
         tracker.on_trial_end(SYM, fake.trial_id, status(fake))
+    tracker.wait()  # the setting's end runs in the background
     assert not tracker.behind
     runs = runs_by_name(client, "t-end")
     parent, top = runs[SYM], best(fakes)
@@ -387,6 +388,29 @@ def test_a_setting_ended_live_has_its_best_trial_and_report_without_a_sync(serve
     assert (report.runs_created, report.metrics_logged, report.runs_ended) == (0, 0, 0)
     failed = runs_by_name(client, "t-end")["d0000004"]
     assert failed.data.tags["mlflow.note.content"] == NOTES["failed"] + "."
+
+
+def test_a_setting_s_end_does_not_hold_up_the_search(server, tmp_path):
+    """The setting's end (its report's plots take a second) runs in a thread of its own: the last
+    trial's end returns at once even while another MLflow call is under way, and the parent is
+    finished once that call is done."""
+    fakes = TRIALS[SYM]
+    spec = {"name": "t-busy", "budget": {"trials": len(fakes), "epochs": EPOCHS}}
+    path = fabricate(tmp_path, {SYM: fakes}, spec=spec, status="running")
+    tracker = Tracker(server.uri, "t-busy")
+    tracker.start(exp.read_manifest(path), path=path)
+    for fake in fakes:
+        for row in fake.rows(SYM):
+            tracker.on_result(SYM, fake.trial_id, fake.params, row)
+    client = MlflowClient(server.uri)
+    with tracker._busy:  # another MLflow call under way, e.g. a result being logged
+        for fake in fakes:
+            tracker.on_trial_end(SYM, fake.trial_id, status(fake))
+        assert runs_by_name(client, "t-busy")[SYM].info.status == "RUNNING"
+    tracker.wait()
+    parent = runs_by_name(client, "t-busy")[SYM]
+    assert parent.info.status == "FINISHED" and parent.data.tags["jal.status"] == "done"
+    assert f"results/plots/{SYM}_a.png" in parent_files(client, parent.info.run_id)
 
 
 def test_ties_are_broken_by_epochs_then_trial_id_and_said_where_they_happen(server, tmp_path):
