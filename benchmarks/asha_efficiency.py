@@ -7,7 +7,7 @@ prefixes of these curves — and records each trial's per-epoch `val_acc`. ASHA 
 replayed on those curves with as many trials as the grid has configurations, configured as
 `tune_search` configures a real search: every stop decision comes from Ray's own
 `ASHAScheduler` (`_scheduler`'s arguments: max_t = the epochs, one bracket, stop_last_trials); TPE
-is `tune_search.SettingSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
+is `studies.SettingSearch`, the searcher a search builds (Optuna's TPESampler, seeded,
 10 startup trials, the paper's config first when it lies on the grid, early-stopped trials told
 as PRUNED, no config trained twice); trials run two at a time (quick.yaml's
 max_concurrent_trials on 2 CPUs) and every epoch takes the same time, so ASHA sees results in
@@ -206,7 +206,8 @@ def replay(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from jal_search.spec import Scheduler
-    from jal_search.tune_search import SettingSearch, SuccessiveHalvingScheduler
+    from jal_search.studies import SettingSearch
+    from jal_search.tune_search import SuccessiveHalvingScheduler
 
     class WithRepeats(SettingSearch):  # TPE may propose a tried config again (Ray's OptunaSearch)
         def _ask(self) -> optuna.Trial:

@@ -7,9 +7,10 @@ the spec's grace period and reduction factor; `max_concurrent_trials` at a time;
 per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, in every arm:
 
 - jal-search: `jal-search run SPEC --num-cpus N --storage-path TMP` (journals, checkpoints,
-  MLflow on SQLite, as shipped); epochs and best read from the experiment. Arm `jal-search asha`:
-  the same with `scheduler.type: asha` (Ray's ASHA) instead of the shipped rule;
-  `jal-search pack 2`: the shipped spec in pack workers of 2 slots.
+  MLflow on SQLite, as shipped: quick runs its trials in the driver, `executor: local`); epochs
+  and best read from the experiment. Arm `jal-search ray`: the same under Ray Tune
+  (`executor: ray`); `jal-search asha`: under Ray with `scheduler.type: asha` (Ray's ASHA)
+  instead of the shipped rule; `jal-search pack 2`: under Ray in pack workers of 2 slots.
 - stock Tune, as a user writes it (`tune_arm`): per noise setting a `tune.Tuner` with
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
@@ -42,13 +43,14 @@ from pathlib import Path
 import _common
 import yaml
 
-# jal-search's arms: the spec as shipped (quick: Optuna's promotion rule, `successive_halving`);
-# with Ray's ASHA instead; and in pack workers of 2 slots (a worker per CPU, so
-# `max_concurrent_trials` off).
+# jal-search's arms: the spec as shipped (quick: trials in the driver, Optuna's promotion rule);
+# under Ray Tune; under Ray with Ray's ASHA instead; and under Ray in pack workers of 2 slots (a
+# worker per CPU, so `max_concurrent_trials` off).
 VARIANTS: dict[str, dict] = {
     "jal-search": {},
-    "jal-search asha": {"scheduler": {"type": "asha"}},
-    "jal-search pack 2": {"pack": 2},
+    "jal-search ray": {"executor": "ray"},
+    "jal-search asha": {"executor": "ray", "scheduler": {"type": "asha"}},
+    "jal-search pack 2": {"executor": "ray", "pack": 2},
 }
 ARMS = (*VARIANTS, "stock Tune", "plain Optuna")
 PEERS = {"stock Tune": "tune_arm", "plain Optuna": "optuna_arm"}  # run as `python -c`

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -184,6 +186,58 @@ class TrialRecord:
 # is also its folder under the setting's.
 SETTING = "setting"
 TRIAL = "trial"
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A search stops (resumably) when less than this is free under the storage path: checkpoints and
+# journals cannot be written on a full disk, and every trial would fail and burn its retries.
+STORAGE_RESERVE = 64 << 20
+
+
+def storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
+    """Whether trials failed, or Tune broke, because the storage path is full.
+
+    On a full disk every trial fails (its checkpoint cannot be written) and burns its retries; a
+    setting ended that way must stay unfinished so that `resume` reruns those trials once there
+    is space again. Full: a trial failed with ENOSPC/EDQUOT, or less than STORAGE_RESERVE is left.
+    """
+    causes = [getattr(e, "cause", None) or e for e in errors]
+    if any(isinstance(c, OSError) and c.errno in STORAGE_ERRNOS for c in causes):
+        return True
+    try:
+        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
+    except OSError:  # not a local path
+        return False
+
+
+def no_space(experiment_dir: str) -> UserError:
+    return UserError(
+        f"storage_path: no space left under {experiment_dir}; free some space, then run "
+        f"`jal-search resume {experiment_dir}` (finished trials are kept)"
+    )
+
+
+def check_space(experiment_dir: str) -> None:
+    """Raise `no_space` once less than STORAGE_RESERVE is free under the storage path."""
+    try:
+        free = shutil.disk_usage(experiment_dir).free
+    except OSError:  # not created yet, or not a local path
+        return
+    if free < STORAGE_RESERVE:
+        raise no_space(experiment_dir)
+
+
+def refuse_older_layout(experiment_dir: Path, settings: Sequence[str]) -> None:
+    """Refuse, before Ray starts, an experiment an older version made: its record was Tune's
+    state files (`tuner.pkl`, in the experiment folder or in each setting's), which this one
+    does not read."""
+    folders = [experiment_dir, *(experiment_dir / name for name in settings)]
+    if any((folder / "tuner.pkl").is_file() for folder in folders):
+        raise UserError(
+            f"{experiment_dir}: made by an older jal-search (its record is Tune's state files, "
+            "not trial journals), which this version cannot resume; finish it with that "
+            "version, or run the spec again under a new --name"
+        )
 
 
 def sampled(config: dict[str, Any]) -> dict[str, Any]:

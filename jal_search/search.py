@@ -12,8 +12,10 @@ trial is sampled in place of one that was already asked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +71,13 @@ def run(
         load_dataset(spec.dataset, spec.data_root, download=True)
     if address is None:
         _check_data(plans)
-    with _session(spec, path, address, num_cpus) as (tracker, release), exp.locked(path):
+    with _session(spec, path, address, num_cpus) as session, exp.locked(path):
         if (path / exp.MANIFEST).exists():  # another driver created it while Ray started
             raise UserError(f"experiment {spec.name!r} was just created at {path} by another run")
         manifest = new_manifest(spec, plans, str(source))
         exp.write_json_atomic(path / exp.MANIFEST, manifest)
         print(f"experiment {spec.name}: {path}", flush=True)
-        _drive(spec, plans, path, tracker, release)
+        _drive(spec, plans, path, session)
     return path
 
 
@@ -112,13 +114,11 @@ def resume(
     """Finish an interrupted search: unfinished settings continue where they stopped."""
     path = exp.find_experiment(ref)
     manifest = exp.read_manifest(path)
-    from jal_search import tune_adapter
-
-    tune_adapter.refuse_older_layout(path, [s["name"] for s in manifest["settings"]])
+    exp.refuse_older_layout(path, [s["name"] for s in manifest["settings"]])
     raw = manifest["spec"] | ({"tracking_uri": tracking_uri} if tracking_uri else {})
     spec = parse_spec(raw, where="experiment.json")
-    with _session(spec, path, address, num_cpus) as (tracker, release), exp.locked(path):
-        _drive(spec, plan(spec), path, tracker, release)
+    with _session(spec, path, address, num_cpus) as session, exp.locked(path):
+        _drive(spec, plan(spec), path, session)
     return path
 
 
@@ -138,10 +138,8 @@ def extend(
         raise UserError(f"--trials: must be at least 1, got {trials}")
     path = exp.find_experiment(ref)
     manifest = exp.read_manifest(path)
-    from jal_search import tune_adapter
-
     names = [s["name"] for s in manifest["settings"]]
-    tune_adapter.refuse_older_layout(path, names)
+    exp.refuse_older_layout(path, names)
     spec = parse_spec(manifest["spec"], where="experiment.json")
     unknown = sorted(set(settings or []) - set(names))
     if unknown:
@@ -260,33 +258,48 @@ def _check_data(plans: list[SettingPlan]) -> None:
         check_trial(p.base)
 
 
+@dataclass(frozen=True)
+class _Session:
+    tracker: Any  # tracking.Tracker
+    search: Callable[..., dict[str, list[dict[str, Any]]]]  # run_search of the spec's executor
+    release: Callable[[], None]  # lets Ray go sooner (it is let go at the end anyway)
+
+
 @contextlib.contextmanager
 def _session(
     spec: SearchSpec, path: Path, address: str | None, num_cpus: int | None
-) -> Iterator[tuple[Any, Callable[[], None]]]:
-    """Ray connected and checked, and an MLflow tracker, for the length of a search; with them,
-    `release()`, which lets Ray go sooner (it is let go at the end anyway)."""
-    from jal_search import tracking, tune_adapter
+) -> Iterator[_Session]:
+    """What runs a search, checked, and an MLflow tracker, for the length of the search: Ray
+    connected (`executor: ray`), or this process's trial slots (`executor: local`)."""
+    from jal_search import tracking
+
+    uri = spec.tracking_uri or tracking.default_tracking_uri(path)
+    if spec.executor == "local":
+        from jal_search import local_search
+
+        if address:
+            raise UserError(
+                "--address: the spec's executor is local (trials in this process); set "
+                "executor: ray in the spec to run on a cluster"
+            )
+        slots = local_search.slots(spec, num_cpus)
+        search = functools.partial(local_search.run_search, slots=slots)
+        yield _Session(tracking.Tracker(uri, spec.name), search, lambda: None)
+        return
+    from jal_search import tune_adapter
 
     cluster = tune_adapter.connect(address, num_cpus)
     try:
         tune_adapter.check_resources(spec, cluster)
-        uri = spec.tracking_uri or tracking.default_tracking_uri(path)
         tracking.check_multi_node(uri, cluster.nodes)
-        yield tracking.Tracker(uri, spec.name), lambda: tune_adapter.disconnect(cluster)
+        release = functools.partial(tune_adapter.disconnect, cluster)
+        yield _Session(tracking.Tracker(uri, spec.name), tune_adapter.run_search, release)
     finally:
         tune_adapter.disconnect(cluster)
 
 
-def _drive(
-    spec: SearchSpec,
-    plans: list[SettingPlan],
-    path: Path,
-    tracker: Any,
-    release: Callable[[], None],
-) -> None:
-    from jal_search import tune_adapter
-
+def _drive(spec: SearchSpec, plans: list[SettingPlan], path: Path, session: _Session) -> None:
+    tracker = session.tracker
     tracker.start(exp.read_manifest(path), background=True, path=path)
     if any(s["status"] != "done" for s in exp.read_manifest(path)["settings"]):
         started: set[str] = set()
@@ -298,12 +311,12 @@ def _drive(
                 exp.update_setting(path, name, status="running")
 
         counts = {s["name"]: s["trials"] for s in exp.read_manifest(path)["settings"]}
-        failed = tune_adapter.run_search(
+        failed = session.search(
             spec, plans, str(path), counts, tracker=tracker, on_setting_start=on_setting_start
         )
         # A private Ray's shutdown (a second or more of waiting on its processes) while the
         # tracker ends the last setting in the background (its report's plots: a second).
-        release()
+        session.release()
         for name, trials in failed.items():
             failures = {t["trial_id"]: t["error"] for t in trials}
             exp.update_setting(path, name, status="done", failures=failures)

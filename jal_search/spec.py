@@ -204,6 +204,11 @@ class SearchSpec(_Strict):
     # it may end on (the scheduler's rungs and the budget's last epoch); `every_epoch` — the
     # whole curve (as `results --scope best-epoch` wants it).
     test_eval: Literal["milestones", "every_epoch"] = "milestones"
+    # Who runs the trials: `ray` — Ray Tune, a process per trial, on this machine or a cluster
+    # (--address); `local` — threads of the driver on this machine's CPUs, no Ray (local_search:
+    # for short searches, where Ray's ~10 s of fixed costs weigh; a crash of the process ends
+    # the search, which `resume` continues).
+    executor: Literal["ray", "local"] = "ray"
     storage_path: PathText = "jal_results"
     storage_shared: StrictBool = False  # a local storage_path that every node of the cluster sees
     tracking_uri: str | None = None
@@ -238,6 +243,24 @@ class SearchSpec(_Strict):
             raise ValueError(
                 "pack: the configs of a pack share one batch size; fix batch_size (training:) "
                 "or set pack: 1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _local_runs_what_it_can(self) -> SearchSpec:
+        if self.executor != "local":
+            return self
+        if self.pack > 1:
+            raise ValueError("pack: packs run in Ray's pack workers; set executor: ray or pack: 1")
+        if self.resources.gpus_per_trial:
+            raise ValueError(
+                "resources.gpus_per_trial: executor local trains on this machine's CPUs; set "
+                "executor: ray for GPUs"
+            )
+        if self.scheduler.type == "asha":
+            raise ValueError(
+                "scheduler.type: asha is Ray's scheduler; with executor local use "
+                "successive_halving (Optuna's rule) or none, or set executor: ray"
             )
         return self
 

@@ -270,6 +270,10 @@ class Tracker:
             settings.append(s)
         ex = dataclasses.replace(ex, settings=settings)
         self._complete_setting(ex, setting, SyncReport())
+        # Its trials as their journals have them, final: what the live path still queued for
+        # them (skipped while another call was at MLflow) would only undo their best tag.
+        for key in [k for k in list(self._pending) if k.startswith(f"{setting}/")]:
+            self._pending.pop(key, None)
 
     def _queue(self, setting: str, trial_id: str, params: dict[str, Any]) -> _Pending:
         pending = self._pending.setdefault(
@@ -334,6 +338,9 @@ class Tracker:
         report = SyncReport()
         try:
             with _mlflow_settings(SYNC_RETRIES):
+                # What the live path queued first: a setting's completion below then has the
+                # last word on its children (which one is the best, their final status).
+                self._flush(report)
                 for s in ex.settings:
                     if s.status == "done":
                         self._complete_setting(ex, s.name, report)
@@ -341,7 +348,6 @@ class Tracker:
                     self._complete_parent(s.name, {}, {}, [], report)
                     for record in s.trials:
                         self._record(s.name, record, False, report)
-                self._flush(report)  # results the live path saw that are not on disk yet
                 self._publish_results(path / results.RESULTS_DIR)
         except (MlflowException, OSError) as err:
             self.behind = True

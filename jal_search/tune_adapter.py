@@ -32,17 +32,16 @@ from ray.tune.experiment import Trial
 
 from jal_search.config import TrialConfig
 from jal_search.errors import UserError
-from jal_search.experiment import SETTING, TRIAL, ended, sampled, trial_header
-from jal_search.journal import Checkpoints, Journal, sole_writer
+from jal_search.experiment import SETTING, TRIAL, no_space, storage_full
 from jal_search.metrics import METRICS
+from jal_search.recorded import failure_reason, train_recorded
 from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.train import run_trial
-from jal_search.tune_callbacks import StorageGuard, Tracking, no_space, storage_full
+from jal_search.tune_callbacks import StorageGuard, Tracking
 from jal_search.tune_packs import CLIENT_RESOURCES, member_trainable, start_workers
 from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting
 
 PROGRESS_METRICS = {m.name: m.name for m in METRICS if m.progress}
-TUNER_FILE = "tuner.pkl"  # where Tune writes it is where its experiment is
 TUNE_DIR = "tune"  # Tune's experiment folder inside ours
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -277,32 +276,6 @@ def _trial_name(trial: Trial) -> str:
     return f"{trial.config[SETTING]}-{trial.config[TRIAL]}"
 
 
-def refuse_older_layout(experiment_dir: Path, settings: Sequence[str]) -> None:
-    """Refuse, before Ray starts, an experiment an older version made: its record was Tune's
-    state files (in the experiment folder, or in each setting's), which this one does not read."""
-    folders = [experiment_dir, *(experiment_dir / name for name in settings)]
-    if any((folder / TUNER_FILE).is_file() for folder in folders):
-        raise UserError(
-            f"{experiment_dir}: made by an older jal-search (its record is Tune's state files, "
-            "not trial journals), which this version cannot resume; finish it with that "
-            "version, or run the spec again under a new --name"
-        )
-
-
-def failure_reason(error: BaseException) -> str:
-    """One line saying why a trial failed: the trial's own exception, not Ray's wrapper.
-
-    Tune hands back a `RayTaskError` whose text is a colored worker banner (pid, ip, actor id);
-    the exception the trial raised is its `cause` (the cause's cause, for one a pack worker
-    raised into its trial).
-    """
-    cause = error
-    while getattr(cause, "cause", None) is not None:
-        cause = cause.cause
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-
-
 def _trainable(
     params: dict[str, Any],
     plans: dict[str, SettingPlan],
@@ -310,33 +283,10 @@ def _trainable(
     train: Callable[..., Any],
 ) -> None:
     """One Tune trial: the sampled point of the space applied to its setting's base config,
-    recorded in the trial's own folder (`journal.py`) and resumed from there after any restart."""
+    recorded in the trial's own folder and resumed from there after any restart."""
     folder = Path(experiment_dir, params[SETTING], params[TRIAL])
-    with sole_writer(folder):
-        _train(params, plans[params[SETTING]], folder, train)
-
-
-def _train(
-    params: dict[str, Any], plan: SettingPlan, folder: Path, train: Callable[..., Any]
-) -> None:
-    config = plan.trial(sampled(params)).resolve()
-    checkpoints = Checkpoints(folder)
-    resume = checkpoints.latest()
-    journal = Journal(folder)
-    journal.open(trial_header(params, config), int(resume["epoch"]) if resume else 0)
-    node, pid = ray.get_runtime_context().get_node_id(), os.getpid()
-
-    def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        row = {**metrics, "label_hash": state["label_hash"], "node_id": node, "pid": pid}
-        journal.append(row)
-        checkpoints.save(state)
-        tune.report(row)
-
-    last = resume["history"][-1] if resume and resume["history"] else None
-    if resume is not None and ended(last, config.epochs):
-        tune.report(last)  # ended before the driver heard: say how, once more
-        return
-    train(config, report=report, resume=resume)
+    origin = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    train_recorded(params, plans[params[SETTING]], folder, train, tune.report, origin)
 
 
 def run_trainings(

@@ -5,44 +5,13 @@ Part of the Ray adapter (`tune_adapter` and the `tune_*` modules, the only ones 
 
 from __future__ import annotations
 
-import errno
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ray import tune
 
-from jal_search.errors import UserError
-from jal_search.experiment import SETTING, TRIAL, TrialRecord, sampled
-
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# A search stops (resumably) when less than this is free under the storage path: checkpoints and
-# journals cannot be written on a full disk, and every trial would fail and burn its retries.
-STORAGE_RESERVE = 64 << 20
-
-
-def storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
-    """Whether trials failed, or Tune broke, because the storage path is full.
-
-    On a full disk every trial fails (its checkpoint cannot be written) and burns its retries; a
-    setting ended that way must stay unfinished so that `resume` reruns those trials once there
-    is space again. Full: a trial failed with ENOSPC/EDQUOT, or less than STORAGE_RESERVE is left.
-    """
-    causes = [getattr(e, "cause", None) or e for e in errors]
-    if any(isinstance(c, OSError) and c.errno in STORAGE_ERRNOS for c in causes):
-        return True
-    try:
-        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
-    except OSError:  # not a local path
-        return False
-
-
-def no_space(experiment_dir: str) -> UserError:
-    return UserError(
-        f"storage_path: no space left under {experiment_dir}; free some space, then run "
-        f"`jal-search resume {experiment_dir}` (finished trials are kept)"
-    )
+from jal_search.experiment import SETTING, TRIAL, TrialRecord, check_space, sampled
 
 
 class StorageGuard(tune.Callback):
@@ -63,12 +32,7 @@ class StorageGuard(tune.Callback):
             self.check()
 
     def check(self) -> None:
-        try:
-            free = shutil.disk_usage(self.experiment_dir).free
-        except OSError:  # not created yet, or not a local path
-            return
-        if free < STORAGE_RESERVE:
-            raise no_space(self.experiment_dir)
+        check_space(self.experiment_dir)
 
 
 class Tracking(tune.Callback):

@@ -15,9 +15,9 @@ import yaml
 from jal_search import results, search
 from jal_search.experiment import read_manifest, read_trials
 from jal_search.spec import parse_spec, plan, trials_per_setting
+from jal_search.studies import STUDY_FILE
 from jal_search.train import run_trial
 from jal_search.tune_adapter import run_search
-from jal_search.tune_search import STUDY_FILE
 
 EPOCHS = 4
 SPEC = {

@@ -18,7 +18,7 @@ from jal_search import search
 from jal_search.experiment import read_manifest, read_trials
 from jal_search.journal import read_journal
 from jal_search.spec import SPACES_DIR, load_spec
-from jal_search.tune_search import STUDY_FILE
+from jal_search.studies import STUDY_FILE
 
 
 @pytest.fixture(scope="module")
@@ -294,15 +294,20 @@ KILL_EPOCHS = 10  # ~1 s per trial: most of the 12 are still to run when the kil
 
 
 @pytest.mark.slow
-def test_resume_after_the_driver_is_killed(tmp_path):
-    # The fault: the driver (and its private Ray) is SIGKILLed mid-search, possibly mid-write. The
-    # promise: `resume` completes the budget, trials finished before the kill are kept, not
-    # rerun, and no trial is sampled in place of one already asked.
+@pytest.mark.parametrize(
+    ("executor", "stop"),
+    [("ray", signal.SIGKILL), ("local", signal.SIGKILL), ("local", signal.SIGINT)],
+    ids=["ray-killed", "local-killed", "local-interrupted"],
+)
+def test_resume_after_the_driver_is_killed(executor, stop, tmp_path):
+    # The fault: the driver (and its private Ray) is SIGKILLed mid-search, possibly mid-write, or
+    # interrupted (Ctrl-C). The promise: `resume` completes the budget, trials finished before
+    # the stop are kept, not rerun, and no trial is sampled in place of one already asked.
     spec = {
         "name": "killed", "dataset": "digits", "loss": "jal_ce", "noise": {"symmetric": [0.4]},
         "space": {"alpha": {"loguniform": [0.3, 100]}, "beta": {"loguniform": [0.03, 10]}},
         "budget": {"trials": 12, "epochs": KILL_EPOCHS}, "scheduler": {"type": "none"},
-        "max_concurrent_trials": 2, "storage_path": str(tmp_path / "runs"),
+        "max_concurrent_trials": 2, "storage_path": str(tmp_path / "runs"), "executor": executor,
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     cli = [sys.executable, "-m", "jal_search.cli"]
@@ -321,8 +326,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         for trial_id, rows in finished(experiment, KILL_EPOCHS).items()
     }
     time.sleep(1.0)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    os.killpg(driver.pid, stop)
+    # Interrupted, the driver stops every trial at its next epoch and says so (exit 130).
+    assert driver.wait(timeout=120) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
     # Ray workers outside the killed process group die once they notice their raylet is gone;
     # until then one may still finish an epoch (a restart of its trial waits for it to exit).
     deadline = time.monotonic() + 60

@@ -396,7 +396,7 @@ def test_a_setting_s_end_does_not_hold_up_the_search(server, tmp_path):
     finished once that call is done."""
     fakes = TRIALS[SYM]
     spec = {"name": "t-busy", "budget": {"trials": len(fakes), "epochs": EPOCHS}}
-    path = fabricate(tmp_path, {SYM: fakes}, spec=spec, status="running")
+    path = fabricate(tmp_path, {SYM: fakes, ASYM: TRIALS[ASYM]}, spec=spec, status="running")
     tracker = Tracker(server.uri, "t-busy")
     tracker.start(exp.read_manifest(path), path=path)
     for fake in fakes:
@@ -411,6 +411,17 @@ def test_a_setting_s_end_does_not_hold_up_the_search(server, tmp_path):
     parent = runs_by_name(client, "t-busy")[SYM]
     assert parent.info.status == "FINISHED" and parent.data.tags["jal.status"] == "done"
     assert f"results/plots/{SYM}_a.png" in parent_files(client, parent.info.run_id)
+    # The trials' ends queued while MLflow was busy never take the best tag away: not when the
+    # next setting's results are logged, nor at the search's final sync.
+    other = TRIALS[ASYM][0]
+    tracker.on_result(ASYM, other.trial_id, other.params, other.rows(ASYM)[0])
+    top = best(fakes).trial_id
+    for _ in range(2):
+        runs = runs_by_name(client, "t-busy")
+        assert [f.trial_id for f in fakes if runs[f.trial_id].data.tags.get("jal.best")] == [top]
+        assert {runs[f.trial_id].info.status for f in fakes} <= {"FINISHED", "FAILED"}
+        exp.update_setting(path, SYM, status="done")
+        tracker.sync(path)
 
 
 def test_ties_are_broken_by_epochs_then_trial_id_and_said_where_they_happen(server, tmp_path):

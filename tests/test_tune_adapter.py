@@ -11,10 +11,10 @@ import ray
 import scripted
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from jal_search import tune_adapter
+from jal_search import local_search, tune_adapter
 from jal_search.experiment import read_trials
 from jal_search.spec import parse_spec, plan, trials_per_setting
-from jal_search.tune_search import (
+from jal_search.studies import (
     STUDY_FILE,
     TWIN_ATTR,
     SettingSearch,
@@ -195,9 +195,12 @@ def test_successive_halving_decides_as_optunas_pruner(rf):
     assert 0 < sum(decisions) < len(decisions)  # both decisions were taken
 
 
-def test_a_search_under_successive_halving_stops_trials_as_optuna_would(local_ray, tmp_path):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_a_search_under_successive_halving_stops_trials_as_optuna_would(
+    executor, local_ray, tmp_path
+):
     # One trial at a time with scripted metrics (tests/scripted.py): the same values through
-    # Optuna's pruner must stop the same trials at the same epochs.
+    # Optuna's pruner must stop the same trials at the same epochs, under either executor.
     ray.cloudpickle.register_pickle_by_value(scripted)
     spec = parse_spec(
         {
@@ -214,7 +217,12 @@ def test_a_search_under_successive_halving_stops_trials_as_optuna_would(local_ra
     )
     plans = plan(spec)
     counts = {p.name: trials_per_setting(spec, p.space) for p in plans}
-    tune_adapter.run_search(spec, plans, str(tmp_path), counts, train=scripted.scripted_trial)
+    if executor == "ray":
+        tune_adapter.run_search(spec, plans, str(tmp_path), counts, train=scripted.scripted_trial)
+    else:
+        local_search.run_search(
+            spec, plans, str(tmp_path), counts, slots=1, train=scripted.scripted_trial
+        )
     trials = read_trials(tmp_path, plans[0].name, {})
     reference = optuna.create_study(
         direction="maximize",

@@ -187,6 +187,12 @@ def run(spec: Path, t: Path) -> list[str]:
 
 
 @case
+def local_search_given_an_address(t):
+    spec = spec_with(t, executor="local", scheduler={"type": "none"})
+    return [*run(spec, t), "--address", "127.0.0.1:9"], "--address: the spec's executor is local"
+
+
+@case
 def missing_data_root(t):
     return train_mnist(t / "nowhere"), f"{t / 'nowhere/MNIST/raw' / IDX_FILES[0]}[.gz] not found"
 

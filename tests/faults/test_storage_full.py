@@ -26,8 +26,7 @@ from faultkit import (
     write_spec,
 )
 
-from jal_search import tune_callbacks
-from jal_search.experiment import read_manifest
+from jal_search.experiment import STORAGE_RESERVE, read_manifest
 from jal_search.train import load_checkpoint
 
 EPOCHS, TRIALS = 20, 8  # enough left to run when the disk fills, even on a fast machine
@@ -69,7 +68,7 @@ def test_a_full_disk_stops_the_search_cleanly_and_resume_completes_it(
     experiment = small_disk / "full"
     driver = start(["run", str(spec), "--num-cpus", "2"], tmp_path / "run", env)
     wait_until(lambda: finished(experiment, EPOCHS), driver, "a finished trial")
-    fill(small_disk, "ballast", leave=tune_callbacks.STORAGE_RESERVE // 4)
+    fill(small_disk, "ballast", leave=STORAGE_RESERVE // 4)
 
     assert driver.wait(timeout=120) == 2
     err = output(tmp_path / "run")[1]
