@@ -14,7 +14,8 @@ per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, 
 - stock Tune, as a user writes it (`tune_arm`): per noise setting a `tune.Tuner` with
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
-- plain Optuna (`optuna_arm`): per noise setting a study with `TPESampler(seed)` and
+- plain Optuna (`optuna_arm`): per noise setting a study with `TPESampler` (seeded as
+  jal-search seeds a study, so that both draw the same configs) and
   `SuccessiveHalvingPruner(grace, rf)`, `optimize(n_jobs=max_concurrent_trials)` in threads of one
   process; no Ray, no tracking, no checkpoints.
 
@@ -145,7 +146,8 @@ def optuna_arm(spec_file: str, out: str, cpus: int) -> None:
 
         study = optuna.create_study(
             direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=spec.searcher.seed),
+            # seeded as jal-search seeds a new study (studies.SettingSearch): the same draws
+            sampler=optuna.samplers.TPESampler(seed=hash((spec.searcher.seed, 0)) % 2**32),
             pruner=optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=spec.scheduler.grace_period,
                 reduction_factor=round(spec.scheduler.reduction_factor),

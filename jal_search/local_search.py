@@ -39,7 +39,7 @@ from jal_search.metrics import SELECTION
 from jal_search.recorded import failure_reason, train_recorded
 from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.studies import SuccessiveHalving, setting_searches, trial_name, unfinished
-from jal_search.train import run_trial
+from jal_search.train import keep_freed_memory, run_trial
 
 CHECK_EVERY_S = 1.0  # the storage check, and how soon Ctrl-C is heard
 
@@ -78,6 +78,7 @@ def run_search(
     (name and why); raises KeyboardInterrupt when trials are left unfinished (Ctrl-C), and
     `no_space`'s UserError when the storage path fills. Calling it again carries on.
     """
+    keep_freed_memory()  # as Ray's trial processes have it (train.MALLOC_*)
     path = Path(experiment_dir)
     searches = setting_searches(spec, plans, path, counts)
     rules = {p.name: _rule(spec) for p in plans}
@@ -92,9 +93,10 @@ def run_search(
         params = {**config, SETTING: name, TRIAL: trial_name(number)}
         trial, search, rule = params[TRIAL], searches[name], rules[name]
         last: dict[str, Any] = {}
-        judged = [False]  # whether its rule stopped it
+        judged = False  # whether its rule stopped it
 
         def deliver(row: dict[str, Any]) -> None:
+            nonlocal judged
             last.clear()
             last.update(row)
             epoch, value = int(row["epoch"]), row.get(SELECTION, math.nan)
@@ -102,8 +104,8 @@ def run_search(
                 search.report(number, epoch, value)
                 if tracker:
                     tracker.on_result(name, trial, sampled(params), row)
-                judged[0] = rule is not None and not rule.goes_on(trial, epoch, value)
-            if judged[0] or stopping.is_set():
+                judged = rule is not None and not rule.goes_on(trial, epoch, value)
+            if judged or stopping.is_set():
                 raise _Stop
 
         with lock:
@@ -131,7 +133,7 @@ def run_search(
                         _say(f"{name} {trial}: failed ({failure_reason(err)})")
                     return
             break
-        if stopping.is_set() and not (judged[0] or ended(last or None, spec.budget.epochs)):
+        if stopping.is_set() and not (judged or ended(last or None, spec.budget.epochs)):
             with lock:
                 search.drop(number)  # cut short: `resume` carries it on from its checkpoint
             return

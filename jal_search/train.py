@@ -41,6 +41,7 @@ Determinism — what equals what, and how exactly:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -181,6 +182,26 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+# glibc malloc would hand every activation buffer above 128 KiB back to the OS when freed and
+# page-fault it in again at the next step; these thresholds keep them (measured on the embedded
+# default: an epoch 8% faster one trial per process; packs of 8 1.24× → 1.47× the trials per
+# CPU-hour). Ray's trial processes get them in their environment at spawn
+# (`tune_adapter.MALLOC_ENV`); a search in the driver's process sets them with `keep_freed_memory`.
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 4 << 30
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Give this running process the malloc thresholds above (glibc's `mallopt`, what its
+    MALLOC_*_THRESHOLD_ variables set at start-up); False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    trim = min(MALLOC_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int
+    return mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1 == mallopt(M_TRIM_THRESHOLD, trim)
 
 
 def run_trial(

@@ -36,7 +36,7 @@ from jal_search.experiment import SETTING, TRIAL, no_space, storage_full
 from jal_search.metrics import METRICS
 from jal_search.recorded import failure_reason, train_recorded
 from jal_search.spec import SearchSpec, SettingPlan
-from jal_search.train import run_trial
+from jal_search.train import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, run_trial
 from jal_search.tune_callbacks import StorageGuard, Tracking
 from jal_search.tune_packs import CLIENT_RESOURCES, member_trainable, start_workers
 from jal_search.tune_search import METRIC, MODE, by_setting, scheduler_by_setting
@@ -45,11 +45,11 @@ PROGRESS_METRICS = {m.name: m.name for m in METRICS if m.progress}
 TUNE_DIR = "tune"  # Tune's experiment folder inside ours
 # Trials must not chdir into their trial folder: data and spec paths stay as given.
 NO_CHDIR = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-# glibc malloc would hand every activation buffer above 128 KiB back to the OS when freed and
-# page-fault it in again at the next step; these keep them (measured on the embedded default:
-# an epoch 8% faster one trial per process; packs of 8 1.24× → 1.47× the trials per CPU-hour).
-# Set in the workers' environment at spawn: glibc reads it only at process start.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+# train.py's malloc thresholds, in the workers' environment at spawn: glibc reads it at start-up.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD),
+}
 TRIAL_ENV = {**NO_CHDIR, **MALLOC_ENV}
 DRIVER_ENV = {
     **NO_CHDIR,
