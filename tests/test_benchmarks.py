@@ -121,7 +121,7 @@ def test_packed_search_reports_searches_per_hour_and_the_best_found():
 @pytest.mark.slow
 def test_vs_peers_reports_each_arm_and_the_wall_ratios_to_plain_optuna_and_stock_tune():
     out = run("vs_peers.py")
-    ours = ("jal-search", "jal-search asha", "jal-search pack 2")
+    ours = ("jal-search", "jal-search ray", "jal-search asha", "jal-search pack 2")
     assert ratios(out) == [
         f"smoke wall {arm} / {peer}" for arm in ours for peer in ("plain Optuna", "stock Tune")
     ]
