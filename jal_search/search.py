@@ -1,4 +1,6 @@
-"""The search driver: every noise setting in one Tune experiment, settings one after another.
+"""The search driver: every noise setting in one run, settings one after another — one Tune
+experiment (`executor: ray`, `tune_adapter`) or trial threads in this process (`executor: local`,
+`local_search`), over the same record.
 
 Each setting has its own searcher and scheduler; its trials are started once the previous
 setting's have all been started, so they fill the slots its last trials leave idle, and trials
