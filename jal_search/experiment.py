@@ -204,10 +204,7 @@ def storage_full(experiment_dir: str, errors: list[BaseException]) -> bool:
     causes = [getattr(e, "cause", None) or e for e in errors]
     if any(isinstance(c, OSError) and c.errno in STORAGE_ERRNOS for c in causes):
         return True
-    try:
-        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
-    except OSError:  # not a local path
-        return False
+    return _low_on_space(experiment_dir)
 
 
 def no_space(experiment_dir: str) -> UserError:
@@ -219,12 +216,15 @@ def no_space(experiment_dir: str) -> UserError:
 
 def check_space(experiment_dir: str) -> None:
     """Raise `no_space` once less than STORAGE_RESERVE is free under the storage path."""
-    try:
-        free = shutil.disk_usage(experiment_dir).free
-    except OSError:  # not created yet, or not a local path
-        return
-    if free < STORAGE_RESERVE:
+    if _low_on_space(experiment_dir):
         raise no_space(experiment_dir)
+
+
+def _low_on_space(experiment_dir: str) -> bool:
+    try:
+        return shutil.disk_usage(experiment_dir).free < STORAGE_RESERVE
+    except OSError:  # not created yet, or not a local path
+        return False
 
 
 def refuse_older_layout(experiment_dir: Path, settings: Sequence[str]) -> None:

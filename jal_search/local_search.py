@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -190,4 +189,4 @@ def _rule(spec: SearchSpec) -> SuccessiveHalving | None:
 
 
 def _say(line: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stdout, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)

@@ -17,6 +17,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from jal_search import local_search
+from jal_search.errors import UserError
 from jal_search.experiment import read_manifest, read_trials
 from jal_search.spec import parse_spec, plan, trials_per_setting
 from jal_search.studies import STUDY_FILE
@@ -140,7 +141,7 @@ def test_slots_follow_the_cpus_and_refuse_a_trial_larger_than_the_machine(slots)
         raw["max_concurrent_trials"] = slots
     spec = parse_spec(raw, where="spec")
     assert local_search.slots(spec, 5) == (slots or 2)
-    with pytest.raises(Exception, match="cpus_per_trial: 2 exceeds this machine's 1 CPUs"):
+    with pytest.raises(UserError, match="cpus_per_trial: 2 exceeds this machine's 1 CPUs"):
         local_search.slots(spec, 1)
 
 
