@@ -32,10 +32,12 @@ stop_last_trials=False (same decisions) do not help.
 `--noise`, `--epochs` and `--trials` shape the grid and the replays like another search (the
 quick search: 8 epochs, 12 trials; its curves at three noise settings are kept in
 benchmarks/data/grid8_*.json). `--compare` replays every rule on the same TPE seeds — none,
-Ray's ASHA, Optuna's successive halving, and ASHA that waits for `--least` values at a rung —
-and prints epochs per search, the mean best, and how often each found as good a best as `none`.
-Findings (benchmarks/README.md, "Which rule stops trials"): Optuna's rule trains 16–18% fewer
-epochs than ASHA for the same best at all three settings; it is the shipped default.
+Ray's ASHA, Optuna's successive halving, ASHA that waits for `--least` values at a rung, and
+paused halving (a trial waits at a rung until the whole rung decides it; `SettingSearch` parks
+and hands it out again, as in a search) — and prints epochs per search, the mean best, and how
+often each found as good a best as `none`. Findings (benchmarks/README.md, "Which rule stops
+trials"): Optuna's rule trains 16–18% fewer epochs than ASHA for the same best at all three
+settings, and paused halving a further 26–34% fewer: it is quick's rule.
 
     .venv/bin/python benchmarks/asha_efficiency.py --short   # digits, tiny grid, seconds
     .venv/bin/python benchmarks/asha_efficiency.py --curves grid20.json
@@ -177,7 +179,8 @@ class Options:
     stop_last_trials: bool = True  # ASHAScheduler(stop_last_trials=...)
     startup: int = 10  # TPESampler(n_startup_trials=...); 10 is Optuna's default, what Ray builds
     paper_first: bool = True  # the paper's config as the first trial when it lies on the grid
-    rule: str = "asha"  # or successive_halving (Optuna's rule, spec scheduler.type), asha_after
+    # or successive_halving (Optuna's rule), paused_halving (studies.PausedHalving), asha_after
+    rule: str = "asha"
     least: int = 3  # asha_after: values a rung must hold before it stops a trial
     with_repeats: bool = False  # let TPE re-propose tried configs, as Ray's own OptunaSearch does
 
@@ -226,12 +229,13 @@ def replay(
         space={k: CategoricalDistribution(v) for k, v in setup.grid.items()},
         first=[{k: PAPER[k] for k in keys}] if paper else [],
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.startup),
+        halving=(grace, rf) if options.rule == "paused_halving" else None,
     )
     scheduler = (
         SuccessiveHalvingScheduler(grace, rf)
         if options.rule == "successive_halving"
         else FIFOScheduler()
-        if options.rule == "none"
+        if options.rule in ("none", "paused_halving")
         else AshaAfter(
             Scheduler(grace_period=grace, reduction_factor=rf).rungs(setup.max_epochs),
             rf,
@@ -251,20 +255,23 @@ def replay(
     )
     queue: list[tuple[int, int, int]] = []  # (time of the next result, trial number, its epoch)
     running: dict[int, tuple[SimpleNamespace, list[float]]] = {}
+    reached: dict[int, int] = {}  # trial → its last epoch (a paused one goes on from there)
 
-    def start(now: int) -> None:
-        nonlocal started
-        started += 1
-        number, config = searcher.next()
+    def start(now: int) -> bool:
+        chosen = searcher.next()  # a paused trial let go on, else a new one
+        if chosen is None:
+            return False
+        number, config = chosen
         tune_trial = SimpleNamespace(trial_id=str(number))
-        scheduler.on_trial_add(None, tune_trial)
+        if number not in reached:
+            scheduler.on_trial_add(None, tune_trial)
         running[number] = (tune_trial, curves[tuple(config[k] for k in keys)])
-        heapq.heappush(queue, (now + 1, number, 1))
+        heapq.heappush(queue, (now + 1, number, reached.get(number, 0) + 1))
+        return True
 
-    started = 0
     spent, finished = 0, []
-    for _ in range(min(options.concurrency, trials)):
-        start(0)
+    while len(running) < options.concurrency and start(0):
+        pass
     while queue:
         now, n, epoch = heapq.heappop(queue)
         tune_trial, curve = running[n]
@@ -272,17 +279,19 @@ def replay(
         result = {"epoch": epoch, "val_acc": value, "diverged": 0.0}
         searcher.report(n, epoch, value)
         spent += 1
-        stop = scheduler.on_trial_result(None, tune_trial, result) == "STOP"
+        reached[n] = epoch
+        stop = searcher.judge(n, epoch, value) != "go"  # paused halving's verdict
+        stop = stop or scheduler.on_trial_result(None, tune_trial, result) == "STOP"
         if epoch < setup.max_epochs and not stop:
             heapq.heappush(queue, (now + 1, n, epoch + 1))
             continue
-        scheduler.on_trial_complete(None, tune_trial, result)
-        searcher.tell(n, result)  # stopped early: told as PRUNED
         del running[n]
+        scheduler.on_trial_complete(None, tune_trial, result)
+        searcher.tell(n, result)  # stopped early: told as PRUNED; paused: waits
         if epoch >= setup.max_epochs:
             finished.append(value)
-        if started < trials:
-            start(now)
+        while len(running) < options.concurrency and start(now):
+            pass
     shutil.rmtree(folder)
     return Replay(spent, max(finished, default=-math.inf))
 
@@ -337,7 +346,7 @@ def read_curves(path: Path, setup: Setup) -> tuple[dict[tuple, list[float]], Set
     return curves, replace(setup, grid=grid, max_epochs=epochs.pop())
 
 
-RULES = ("none", "asha", "successive_halving", "asha_after")
+RULES = ("none", "asha", "successive_halving", "asha_after", "paused_halving")
 
 
 def compare(curves: dict, setup: Setup, options: Options, grid_best: float) -> None:
@@ -385,8 +394,9 @@ def main() -> None:
         "--rule",
         choices=RULES,
         default=Options.rule,
-        help="who stops trials: Ray's ASHA, Optuna's successive-halving rule, or ASHA that stops "
-        "nothing at a rung until it holds --least values",
+        help="who stops trials: Ray's ASHA, Optuna's successive-halving rule, paused halving "
+        "(studies.PausedHalving), or ASHA that stops nothing at a rung until it holds --least "
+        "values",
     )
     p.add_argument(
         "--compare",

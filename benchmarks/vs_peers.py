@@ -15,9 +15,10 @@ per trial; and the same loop, `train.run_trial` on `SettingPlan.trial(params)`, 
   `OptunaSearch` (seeded TPE), `ASHAScheduler` and `MLflowLoggerCallback` (SQLite, MLflow's own
   default store), Tune's defaults otherwise (a new actor per trial); no checkpoints.
 - plain Optuna (`optuna_arm`): per noise setting a study with `TPESampler` (seeded as
-  jal-search seeds a study, so that both draw the same configs) and
-  `SuccessiveHalvingPruner(grace, rf)`, `optimize(n_jobs=max_concurrent_trials)` in threads of one
-  process; no Ray, no tracking, no checkpoints.
+  jal-search seeds a study; but with n_jobs > 1 Optuna reseeds its sampler at random for every
+  trial, so its draws are neither reproducible nor jal-search's: the two draw from the same
+  distributions) and `SuccessiveHalvingPruner(grace, rf)`, `optimize(n_jobs=max_concurrent_trials)`
+  in threads of one process; no Ray, no tracking, no checkpoints.
 
 Per arm: wall of the whole command, epochs trained, wall per epoch and the best val_acc per noise
 setting (every trial's last epoch, stopped ones included, as `results.best` scores them). Arms run
@@ -146,7 +147,7 @@ def optuna_arm(spec_file: str, out: str, cpus: int) -> None:
 
         study = optuna.create_study(
             direction="maximize",
-            # seeded as jal-search seeds a new study (studies.SettingSearch): the same draws
+            # seeded as jal-search seeds a new study (studies.SettingSearch); n_jobs > 1 reseeds it
             sampler=optuna.samplers.TPESampler(seed=hash((spec.searcher.seed, 0)) % 2**32),
             pruner=optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=spec.scheduler.grace_period,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from jal_search.data import AnyImageSet, Augment, FileImageSet, ImageSet
 from jal_search.errors import UserError
+from jal_search.models import global_rng_seeded
 
 # ------------------------------------------------------------------------------------------ split
 
@@ -329,10 +330,9 @@ class _FileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         row, sample_seed = item
         with Image.open(self.files[row]) as image:
             rgb = image.convert("RGB")
-        # torchvision's transforms draw from torch's global RNG: fork it and seed it per sample, so
-        # the result depends on (seed, epoch, row) only — not on the worker or the order of work.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+        # torchvision's transforms draw from torch's global RNG: seeded per sample, the result
+        # depends on (seed, epoch, row) only — not on the worker, the order of work or other trials.
+        with global_rng_seeded(sample_seed):
             return self.transform(rgb), self.labels[row]
 
 

@@ -40,7 +40,8 @@ from jal_search.spec import SearchSpec, SettingPlan
 from jal_search.studies import SuccessiveHalving, setting_searches, trial_name, unfinished
 from jal_search.train import keep_freed_memory, run_trial
 
-CHECK_EVERY_S = 1.0  # the storage check, and how soon Ctrl-C is heard
+# The storage check, and how soon Ctrl-C is heard and a paused trial let go on takes a free slot.
+CHECK_EVERY_S = 0.25
 
 
 class _Stop(Exception):
@@ -92,10 +93,10 @@ def run_search(
         params = {**config, SETTING: name, TRIAL: trial_name(number)}
         trial, search, rule = params[TRIAL], searches[name], rules[name]
         last: dict[str, Any] = {}
-        judged = False  # whether its rule stopped it
+        verdict = "go"  # its promotion rule's, on its last epoch
 
         def deliver(row: dict[str, Any]) -> None:
-            nonlocal judged
+            nonlocal verdict
             last.clear()
             last.update(row)
             epoch, value = int(row["epoch"]), row.get(SELECTION, math.nan)
@@ -103,8 +104,10 @@ def run_search(
                 search.report(number, epoch, value)
                 if tracker:
                     tracker.on_result(name, trial, sampled(params), row)
-                judged = rule is not None and not rule.goes_on(trial, epoch, value)
-            if judged or stopping.is_set():
+                verdict = search.judge(number, epoch, value)  # paused halving's
+                if rule is not None and not rule.goes_on(trial, epoch, value):
+                    verdict = "stop"
+            if verdict != "go" or stopping.is_set():
                 raise _Stop
 
         with lock:
@@ -132,27 +135,43 @@ def run_search(
                         _say(f"{name} {trial}: failed ({failure_reason(err)})")
                     return
             break
+        judged = verdict != "go"
         if stopping.is_set() and not (judged or ended(last or None, spec.budget.epochs)):
             with lock:
                 search.drop(number)  # cut short: `resume` carries it on from its checkpoint
             return
         with lock:
-            search.tell(number, last or None)
-            status = TrialRecord(name, trial, {}, [last] if last else []).status(
-                spec.budget.epochs, True
-            )
-            if tracker:
-                tracker.on_trial_end(name, trial, status)
-            value = last.get(SELECTION, math.nan)
-            _say(f"{name} {trial}: {status} at epoch {int(last.get('epoch', 0))}, "
-                 f"{SELECTION} {value:.4f}")  # fmt: skip
+            search.tell(number, last or None)  # a paused trial waits in its study
+            if verdict == "pause":
+                _say_end(name, trial, "paused", last)
+            else:
+                end(name, trial, last)
+            end_stopped()
+
+    def end_stopped() -> None:
+        """End the paused trials their rule has stopped (as a trial ends, fails, or the next is
+        asked for: whatever decided them)."""
+        for name, search in searches.items():
+            for number, row in search.take_stopped():
+                end(name, trial_name(number), row)
+
+    def end(name: str, trial: str, last: dict[str, Any]) -> None:
+        status = TrialRecord(name, trial, {}, [last] if last else []).status(
+            spec.budget.epochs, True
+        )
+        if tracker:
+            tracker.on_trial_end(name, trial, status)
+        _say_end(name, trial, status, last)
 
     def next_trial() -> tuple[str, int, dict[str, Any]] | None:
         with lock:
-            for name, search in searches.items():
-                chosen = search.next()
-                if chosen is not None:
-                    return name, *chosen
+            try:
+                for name, search in searches.items():
+                    chosen = search.next()
+                    if chosen is not None:
+                        return name, *chosen
+            finally:
+                end_stopped()
         return None
 
     with ThreadPoolExecutor(slots, thread_name_prefix="trial") as pool:
@@ -186,6 +205,11 @@ def _rule(spec: SearchSpec) -> SuccessiveHalving | None:
     if spec.scheduler.type == "successive_halving":
         return SuccessiveHalving(spec.scheduler.grace_period, spec.scheduler.reduction_factor)
     return None
+
+
+def _say_end(name: str, trial: str, status: str, last: dict[str, Any]) -> None:
+    value = last.get(SELECTION, math.nan)
+    _say(f"{name} {trial}: {status} at epoch {int(last.get('epoch', 0))}, {SELECTION} {value:.4f}")
 
 
 def _say(line: str) -> None:

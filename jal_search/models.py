@@ -7,8 +7,8 @@ Conventions:
 - Our own models (everything except ``resnet50``) are initialised by :func:`init_weights`, the
   rule of SPEC §3.1 and of the upstream ``_reset_prams``: Kaiming-uniform (fan_in, relu) for conv
   weights, Xavier-uniform for linear weights; biases and BatchNorm keep PyTorch's defaults.
-- Initialisation draws from torch's global generator, so ``torch.manual_seed(s)`` right before
-  :func:`build_model` makes the weights reproducible (the trial seeds torch once, as upstream).
+- Initialisation draws from torch's global generator: built inside :func:`global_rng_seeded`
+  (as trials build theirs), a model's weights depend on the seed alone.
 - No module updates activations in place (no ``inplace=True`` ReLU, no ``+=`` on activations), so
   the models run under ``torch.func.functional_call`` + ``vmap`` with stacked parameters and
   buffers (``torch.func.stack_module_state``), BatchNorm in train mode included.
@@ -16,7 +16,9 @@ Conventions:
   local file through :func:`load_pretrained_resnet50`.
 """
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from pickle import UnpicklingError
 
@@ -26,7 +28,25 @@ from torch import nn
 
 from jal_search.errors import UserError
 
-__all__ = ["build_model", "init_weights", "load_pretrained_resnet50", "model_names"]
+__all__ = [
+    "build_model",
+    "global_rng_seeded",
+    "init_weights",
+    "load_pretrained_resnet50",
+    "model_names",
+]
+
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextmanager
+def global_rng_seeded(seed: int) -> Iterator[None]:
+    """torch's global generator seeded with `seed` inside the block, restored after it. Held
+    under a lock: trials in threads of one process (`executor: local`) share that generator, and
+    two trials drawing from it at once would each get weights other than their seed gives."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def init_weights(model: nn.Module) -> nn.Module:

@@ -83,7 +83,7 @@ from jal_search.graphs import GraphedStep
 from jal_search.loaders import Loader, TensorLoader, eval_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics, evaluates_test_set
-from jal_search.models import build_model
+from jal_search.models import build_model, global_rng_seeded
 from jal_search.noise import validation_transition
 from jal_search.profiles import Profile, get_profile
 from jal_search.train import (
@@ -205,8 +205,7 @@ class PackTrainer:
             )
         self._share_split(data)
         shape = int(ds.train_images.shape[1]), int(ds.train_images.shape[-1])
-        with torch.random.fork_rng(devices=[]):  # seeded as run_trial does, without leaking
-            torch.manual_seed(cfg.seed)
+        with global_rng_seeded(cfg.seed):  # as run_trial builds it
             model = build_model(cfg.model, ds.num_classes, *shape).to(self.device)
         if self._template is None:
             self._template = model

@@ -88,7 +88,11 @@ MLFLOW_STATUS = {
     "failed": "FAILED",
 }
 SPEC_ARTIFACT = "spec.yaml"
-SCHEDULER_NAMES = {"asha": "ASHA", "successive_halving": "successive halving"}
+SCHEDULER_NAMES = {
+    "asha": "ASHA",
+    "successive_halving": "successive halving",
+    "paused_halving": "paused halving",
+}
 BEST_CLEAN = ("best_val_acc_clean_est", "best_val_acc_clean_lo", "best_val_acc_clean_hi")
 RESULTS_ARTIFACTS, SEARCH_ARTIFACTS = "results", "search"  # a setting's own; the whole search's
 # The UI opens an experiment of this kind on its runs table (not the GenAI overview).
@@ -329,6 +333,7 @@ class Tracker:
         tables. The caller holds the experiment's lock (the driver does while it runs).
         """
         from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
 
         from jal_search import results
 
@@ -349,7 +354,7 @@ class Tracker:
                     for record in s.trials:
                         self._record(s.name, record, False, report)
                 self._publish_results(path / results.RESULTS_DIR)
-        except (MlflowException, OSError) as err:
+        except (MlflowException, OSError, SQLAlchemyError) as err:  # a store MLflow cannot open
             self.behind = True
             self._forget()
             raise UserError(
@@ -384,6 +389,7 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
+            _create_sqlite_whole(self.uri)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -830,6 +836,26 @@ def _result_ms(result: dict[str, Any]) -> int:
 def _iso_ms(manifest: dict[str, Any]) -> int | None:
     created = manifest.get("created")
     return int(dt.datetime.fromisoformat(created).timestamp() * 1000) if created else None
+
+
+def _create_sqlite_whole(uri: str) -> None:
+    """Create a new SQLite store whole or not at all. MLflow builds its schema in steps (alembic
+    migrations, seconds of them), and a driver killed among them left a file that every later
+    run failed to open ("index ... already exists"). The schema is built in a file of its own,
+    then linked into place — unless another search got there first."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=db.parent, prefix=".mlflow-db-") as folder:
+        fresh = Path(folder) / db.name
+        MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+        with contextlib.suppress(FileExistsError):
+            os.link(fresh, db)
 
 
 def _artifact_location(uri: str) -> str | None:

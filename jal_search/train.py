@@ -61,7 +61,7 @@ from jal_search.graphs import GraphedStep
 from jal_search.loaders import eval_loader, split_validation, train_loader
 from jal_search.losses import build_loss
 from jal_search.metrics import epoch_metrics, evaluates_test_set
-from jal_search.models import build_model
+from jal_search.models import build_model, global_rng_seeded
 from jal_search.noise import corrupt_labels, label_hash, realised_rate, validation_transition
 from jal_search.profiles import Profile, get_profile
 
@@ -220,9 +220,9 @@ def run_trial(
     data = prepare_data(cfg)
     ds = data.dataset
 
-    torch.manual_seed(cfg.seed)
     channels, size = _image_shape(ds)
-    net = build_model(cfg.model, ds.num_classes, channels, size).to(device)
+    with global_rng_seeded(cfg.seed):
+        net = build_model(cfg.model, ds.num_classes, channels, size).to(device)
     loss_fn = build_loss(cfg.loss, ds.num_classes, **cfg.loss_params)
     profile = get_profile(cfg.dataset)
     bf16 = check_precision(cfg.precision, profile, device, cfg.model)
@@ -304,6 +304,13 @@ def run_trial(
             status = "diverged"
             break
     return TrialResult(status=status, history=history, data=data)
+
+
+def import_first_optimizer() -> None:
+    """Import what a process's first optimizer imports: torch._dynamo (~0.8 s of Python; torch
+    keeps dynamo off `add_param_group` through it). Trials that start together in one process
+    would otherwise all wait on that import, while the tracker's set-up competes for the GIL."""
+    import torch._dynamo  # noqa: F401
 
 
 def make_optimizer(model: torch.nn.Module, profile: Profile, cfg: TrialConfig) -> torch.optim.SGD:

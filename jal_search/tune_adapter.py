@@ -205,7 +205,7 @@ def run_search(
             metric=METRIC,
             mode=MODE,
             search_alg=searcher,
-            scheduler=scheduler_by_setting(spec, plans),
+            scheduler=scheduler_by_setting(spec, searcher),
             num_samples=-1,  # until the searcher has handed out every setting's trials
             max_concurrent_trials=concurrent,
             reuse_actors=True,
@@ -218,7 +218,7 @@ def run_search(
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             callbacks=[
                 StorageGuard(experiment_dir),
-                Tracking(spec.budget.epochs, tracker, on_setting_start),
+                Tracking(spec.budget.epochs, tracker, on_setting_start, searcher),
             ],
             progress_reporter=tune.CLIReporter(
                 parameter_columns=[SETTING, TRIAL, *plans[0].space],

@@ -37,7 +37,9 @@ class StorageGuard(tune.Callback):
 
 class Tracking(tune.Callback):
     """Forwards Tune's trial events to the tracker, on the driver (trials never talk to MLflow),
-    and calls `on_setting_start(name)` as each of a setting's trials starts.
+    and calls `on_setting_start(name)` as each of a setting's trials starts. A Tune trial that
+    ended where its rule paused it (`searcher.paused_at`) leaves its trial going; one the rule
+    stopped while paused has ended.
 
     The tracker never raises (an MLflow outage only leaves it behind, and `sync` catches up from
     the journals). Tune pickles its callbacks with the experiment; the copy it keeps is never
@@ -49,13 +51,19 @@ class Tracking(tune.Callback):
         max_epochs: int,
         tracker: Any = None,
         on_setting_start: Callable[[str], None] | None = None,
+        searcher: Any = None,
     ) -> None:
         self.max_epochs = max_epochs
         self.tracker = tracker
         self.on_setting_start = on_setting_start
+        self.searcher = searcher  # tune_search.BySetting
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "tracker": None, "on_setting_start": None}
+        return {**self.__dict__, "tracker": None, "on_setting_start": None, "searcher": None}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        for setting, trial, last in self.searcher.take_stopped() if self.searcher else []:
+            self._end(setting, trial, last)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.on_setting_start:
@@ -67,13 +75,17 @@ class Tracking(tune.Callback):
             self.tracker.on_result(config[SETTING], config[TRIAL], sampled(config), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        setting, name, last = trial.config[SETTING], trial.config[TRIAL], trial.last_result
+        epoch = int((last or {}).get("epoch", 0))
+        if not (self.searcher and self.searcher.paused_at(setting, name, epoch)):
+            self._end(setting, name, last)
+
+    def _end(self, setting: str, trial: str, last: dict[str, Any] | None) -> None:
         if self.tracker:
-            last = trial.last_result
-            record = TrialRecord(
-                trial.config[SETTING], trial.config[TRIAL], {}, [last] if last else []
+            status = TrialRecord(setting, trial, {}, [last] if last else []).status(
+                self.max_epochs, True
             )
-            status = record.status(self.max_epochs, True)
-            self.tracker.on_trial_end(trial.config[SETTING], trial.config[TRIAL], status)
+            self.tracker.on_trial_end(setting, trial, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.tracker:

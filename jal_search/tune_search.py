@@ -5,8 +5,9 @@ Each setting's study and promotion rule are `studies`' (Ray-free, shared with `l
 
 - `BySetting`: Tune's `Searcher` over the settings' `SettingSearch`es, suggesting setting after
   setting;
-- `SchedulerBySetting`: one ASHA, successive-halving or FIFO scheduler per setting, on the
-  trials' own `epoch`.
+- `SchedulerBySetting`: one ASHA, successive-halving, paused-halving or FIFO scheduler per
+  setting, on the trials' own `epoch`. A trial paused at a rung ends its Tune trial; its setting's
+  search hands it out again, as a new Tune trial under its own name, once the rule lets it go on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jal_search.studies import (
     SuccessiveHalving,
     setting_searches,
     trial_name,
+    trial_number,
     unfinished,
 )
 
@@ -53,6 +55,8 @@ class BySetting(Searcher):
             number, config = chosen
             self._trials[trial_id] = (name, number)
             return {**config, SETTING: name, TRIAL: trial_name(number)}
+        if any(search.waiting() for search in self.searches.values()):
+            return None  # a paused trial may yet go on: ask again later
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -78,6 +82,18 @@ class BySetting(Searcher):
     def unfinished(self) -> int:
         """Trials still to run or to finish, over every setting."""
         return unfinished(self.searches)
+
+    def paused_at(self, setting: str, trial: str, epoch: int) -> bool:
+        """Whether a trial was paused at this epoch (its Tune trial ended, the trial did not)."""
+        return self.searches[setting].paused_at(trial_number(trial), epoch)
+
+    def take_stopped(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(setting, trial, last row) of the paused trials their rule stopped since last asked."""
+        return [
+            (name, trial_name(number), last)
+            for name, search in self.searches.items()
+            for number, last in search.take_stopped()
+        ]
 
 
 def by_setting(
@@ -122,13 +138,15 @@ class SchedulerBySetting(FIFOScheduler):
         return "\n".join(f"{n}: {s.debug_string()}" for n, s in self._schedulers.items())
 
 
-def scheduler_by_setting(spec: SearchSpec, plans: Sequence[SettingPlan]) -> SchedulerBySetting:
-    return SchedulerBySetting({p.name: _scheduler(spec) for p in plans})
+def scheduler_by_setting(spec: SearchSpec, searcher: BySetting) -> SchedulerBySetting:
+    return SchedulerBySetting({n: _scheduler(spec, s) for n, s in searcher.searches.items()})
 
 
-def _scheduler(spec: SearchSpec) -> Any:
+def _scheduler(spec: SearchSpec, search: SettingSearch) -> Any:
     if spec.scheduler.type == "none":
         return FIFOScheduler()
+    if spec.scheduler.type == "paused_halving":
+        return PausedHalvingScheduler(search)
     grace, rf = spec.scheduler.grace_period, spec.scheduler.reduction_factor
     if spec.scheduler.type == "successive_halving":
         return SuccessiveHalvingScheduler(grace, rf)
@@ -155,3 +173,24 @@ class SuccessiveHalvingScheduler(FIFOScheduler):
     def debug_string(self) -> str:
         judged = ", ".join(f"{n} at epoch {e}" for e, n in self.rule.judged().items())
         return f"successive halving (Optuna's rule): trials judged {judged or 'at no rung yet'}"
+
+
+class PausedHalvingScheduler(FIFOScheduler):
+    """Tune's scheduler for one setting with its search's `PausedHalving` verdicts: a trial the
+    rule stops or pauses is stopped (the searcher's `tell` then parks a paused one)."""
+
+    def __init__(self, search: SettingSearch) -> None:
+        super().__init__()
+        self.search = search
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if "epoch" not in result or not isinstance(result.get(METRIC), float):
+            return TrialScheduler.CONTINUE
+        number = trial_number(trial.config[TRIAL])
+        verdict = self.search.judge(number, int(result["epoch"]), result[METRIC])
+        return TrialScheduler.CONTINUE if verdict == "go" else TrialScheduler.STOP
+
+    def debug_string(self) -> str:
+        rule = self.search.rule
+        paused = len(rule.paused()) if rule else 0
+        return f"paused halving: {paused} trial(s) paused at a rung"

@@ -77,7 +77,7 @@ def test_asha_efficiency_replays_optunas_rule_too(tmp_path):
     # epochs); each rule spends at most that.
     rows = re.findall(r"^\s+1\s+6 (\w+)\s+([\d.]+)\s", run(*replays, "--compare"), re.M)
     epochs = {rule: float(e) for rule, e in rows}
-    assert list(epochs) == ["none", "asha", "successive_halving", "asha_after"]
+    assert list(epochs) == ["none", "asha", "successive_halving", "asha_after", "paused_halving"]
     assert epochs["none"] == 32.0 and max(epochs.values()) == 32.0 and min(epochs.values()) < 32
     other = subprocess.run(
         [sys.executable, str(BENCHMARKS / "asha_efficiency.py"), "--short", "--noise",

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import sys
+import threading
 
 import pytest
 import torch
@@ -11,7 +13,13 @@ from torch.func import functional_call, stack_module_state, vmap
 from torchvision.models import resnet50
 
 from jal_search.errors import UserError
-from jal_search.models import BasicBlock, build_model, load_pretrained_resnet50, model_names
+from jal_search.models import (
+    BasicBlock,
+    build_model,
+    global_rng_seeded,
+    load_pretrained_resnet50,
+    model_names,
+)
 
 OWN_MODELS = [("cnn_cifar", 3, 32), ("cnn_small", 1, 28), ("mlp", 1, 8)]
 
@@ -215,3 +223,33 @@ def test_load_pretrained_resnet50_bad_files_raise_user_error(tmp_path):
     torch.save(_build("mlp", 10, 1, 8).state_dict(), wrong)
     with pytest.raises(UserError, match="not a 1000-class"):
         load_pretrained_resnet50(wrong, num_classes=14)
+
+
+def test_models_built_at_once_in_threads_get_the_weights_their_seeds_give():
+    """Trials of `executor: local` build their models in threads of one process, which share
+    torch's global generator: each must get the weights its seed gives alone."""
+
+    def weights(seed: int) -> torch.Tensor:
+        with global_rng_seeded(seed):
+            model = build_model("cnn_small", 10, 1, 28)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    alone = {seed: weights(seed) for seed in range(4)}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns within a model's initialisation
+    try:
+        built: dict[tuple[int, int], torch.Tensor] = {}
+
+        def build(seed: int) -> None:
+            for round_ in range(5):
+                built[seed, round_] = weights(seed)
+
+        threads = [threading.Thread(target=build, args=(seed,)) for seed in alone]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(built) == 20
+    assert all(torch.equal(w, alone[seed]) for (seed, _), w in built.items())
