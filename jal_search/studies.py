@@ -107,8 +107,7 @@ class SettingSearch:
         self._stopped: list[tuple[int, dict[str, Any]]] = []  # paused ones it stopped, not taken
         self._study: optuna.Study | None = None
         self._asked = 0  # trials asked so far, twins not counted
-        # Trials handed out and not yet told; None for one handed out again (told by number).
-        self._running: dict[int, optuna.Trial | None] = {}
+        self._running: dict[int, optuna.Trial] = {}  # trials handed out and not yet told
         self._unfinished: list[FrozenTrial] = []  # asked by an earlier run and never told
         self._reported: dict[int, int] = {}  # the last epoch reported per running trial
 
@@ -165,7 +164,7 @@ class SettingSearch:
             return number, self.study.trials[number].user_attrs[CONFIG_ATTR]
         if self._unfinished:  # each handed out once
             again = self._unfinished.pop(0)
-            self._running[again.number] = None
+            self._reopen(again)
             return again.number, again.user_attrs[CONFIG_ATTR]
         if self.asked() >= self.count:
             return None
@@ -181,8 +180,8 @@ class SettingSearch:
         return trial.number, config
 
     def report(self, number: int, epoch: int, value: float) -> None:
-        """An epoch's score, for Optuna's ranking of pruned trials. Not for a trial handed out
-        again: Optuna reports through the asking `Trial` only (it keeps its earlier scores)."""
+        """An epoch's score, for Optuna's ranking of pruned trials and for the rule's rebuild
+        when the study is reopened."""
         trial = self._running.get(number)
         # Optuna refuses NaN intermediate values, and warns of a step reported twice.
         if trial is not None and value == value and epoch > self._reported.get(number, 0):
@@ -208,7 +207,7 @@ class SettingSearch:
         if last and "epoch" in last and isinstance(value, float):
             # Tune gives a stopped trial's last result to the scheduler and the end, not here.
             self.report(number, int(last["epoch"]), value)
-        trial = self._running.pop(number) or number
+        trial = self._running.pop(number)
         self._reported.pop(number, None)
         if not last or last.get("diverged", 0.0) >= 1.0 or value is None or value != value:
             self.study.tell(trial, state=TrialState.FAIL)
@@ -282,31 +281,55 @@ class SettingSearch:
         return self.space is not None and any(config == point for point in self.first)
 
     def _rebuild_rule(self, grace: int, rf: float, handed: list[FrozenTrial]) -> None:
-        """The rule as the study's trials leave it: their scores at the rungs (as reported
-        through the asking trial), the paused ones parked again, the ended ones out."""
+        """The rule as the study's trials leave it, their scores fed rung by rung (a trial is
+        judged at a rung only once the rule has let it past the one before, as in the live run):
+        the paused ones parked again, the stopped ones told, the ended ones out."""
         first = min(len(self.first), self.count) if self.space is not None else 0
-        self.rule = PausedHalving(grace, rf, self.count - first, self.max_epochs)
+        rule = self.rule = PausedHalving(grace, rf, self.count - first, self.max_epochs)
+        judged = []
         for t in sorted(handed, key=lambda t: t.number):
             if self._is_first(t.user_attrs[CONFIG_ATTR]):
                 self._exempt.add(t.number)
+            else:
+                judged.append(t)
+        verdicts: dict[int, Verdict | None] = {t.number: "go" for t in judged}  # None: ended
+
+        def ended(t: FrozenTrial) -> None:
+            rule.ended(t.number)
+            verdicts[t.number] = None
+
+        for epoch in rule.rungs:
+            for t in judged:
+                if verdicts[t.number] != "go":
+                    continue
+                if epoch in t.intermediate_values:
+                    verdicts[t.number] = rule.judge(t.number, epoch, t.intermediate_values[epoch])
+                elif t.state != TrialState.RUNNING:
+                    ended(t)  # before this rung: counted out of it
+            verdicts.update((n, "go" if goes else "stop") for n, goes in rule.decided().items())
+        for t in judged:
+            if t.state != TrialState.RUNNING and verdicts[t.number] is not None:
+                ended(t)
+        verdicts.update((n, "go" if goes else "stop") for n, goes in rule.decided().items())
+        for t in judged:
+            verdict = verdicts[t.number]
+            if t.state != TrialState.RUNNING or verdict == "go":
                 continue
-            verdict: Verdict = "go"
-            for epoch in self.rule.rungs:
-                if verdict == "go" and epoch in t.intermediate_values:
-                    verdict = self.rule.judge(t.number, epoch, t.intermediate_values[epoch])
-            if t.state != TrialState.RUNNING:
-                self.rule.ended(t.number)
-            elif verdict != "go":
-                step = max(t.intermediate_values)
-                last = {"epoch": step, METRIC: t.intermediate_values[step]}
-                self._unfinished.remove(t)
-                self._running[t.number] = None
-                if verdict == "pause":
-                    self._parked[t.number] = last
-                    self._apply_verdicts()
-                else:
-                    self.tell(t.number, last)
-                    self._stopped.append((t.number, last))
+            step = max(t.intermediate_values)
+            last = {"epoch": step, METRIC: t.intermediate_values[step]}
+            self._unfinished.remove(t)
+            self._reopen(t)
+            if verdict == "pause":
+                self._parked[t.number] = last
+            else:
+                self.tell(t.number, last)
+                self._stopped.append((t.number, last))
+
+    def _reopen(self, asked: FrozenTrial) -> None:
+        """Run a trial an earlier run asked for: Optuna reports only through a `Trial`, so one is
+        made for it (its earlier scores are kept; a step is not reported twice)."""
+        self._running[asked.number] = optuna.Trial(self.study, asked._trial_id)
+        self._reported[asked.number] = max(asked.intermediate_values, default=0)
 
     def _started(self) -> bool:
         """Whether the setting has a study yet (a setting not started leaves no folder)."""

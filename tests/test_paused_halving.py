@@ -145,6 +145,41 @@ def test_a_paused_trial_waits_in_its_study_and_a_reopened_search_waits_for_it(tm
     # The paper's config comes last, and the rule never stops it.
     paper, config = again.next()
     assert config == {"x": 0.5} and judge(again, paper, 1, 0.0) == "go"
+    # b reaches the next rung, where c may yet beat it, and pauses; the driver dies again. b's
+    # score there is in the study, so the next reopen parks it at that rung, not before it.
+    assert judge(again, b, 2, 0.4) == "pause"
+    again.tell(b, row(2, 0.4))
+    third = setting(tmp_path)
+    assert third.waiting() and third.next()[0] == c  # c goes on from its checkpoint
+    assert judge(third, c, 2, 0.9) == "go"  # the rung's one place: b is out
+    assert third.next() == (paper, {"x": 0.5})
+    assert [(n, last["epoch"]) for n, last in third.take_stopped()] == [(b, 2)]
+    assert third.next() is None and not third.waiting()
+
+
+def test_a_reopened_search_judges_each_rung_as_the_live_one_did(tmp_path):
+    # A trial that failed before the first rung let b past it, and b paused at the next; the
+    # driver dies. Reopened, the rule counts the failed trial out of the first rung before it
+    # judges b at the second, so b waits there, as it did, and is not run on past it.
+    first = setting(tmp_path)
+    (a, config_a), (b, config_b), (c, _), (d, config_d) = [first.next() for _ in range(4)]
+    assert judge(first, a, 1, 0.3) == "pause"
+    first.tell(a, row(1, 0.3))
+    assert judge(first, b, 1, 0.4) == "pause"
+    first.tell(b, row(1, 0.4))
+    first.tell(c, None)  # failed in its first epoch
+    assert first.next() == (b, config_b)  # second at worst of the 3 left: goes on
+    assert judge(first, b, 2, 0.4) == "pause"  # a or d may yet pass it there
+    first.tell(b, row(2, 0.4))
+
+    again = setting(tmp_path)
+    assert again.waiting() and again.next() == (d, config_d)
+    assert judge(again, d, 1, 0.1) == "stop"
+    again.tell(d, row(1, 0.1))
+    assert again.next() == (a, config_a)  # the first rung is in: a is its second
+    assert judge(again, a, 2, 0.5) == "go"  # and the best at the next one
+    assert again.next()[1] == {"x": 0.5}  # the paper's config
+    assert [(n, last["epoch"]) for n, last in again.take_stopped()] == [(b, 2)]
     assert again.next() is None and not again.waiting()
 
 

@@ -3,6 +3,7 @@
 import ast
 import math
 import random
+import warnings
 from pathlib import Path
 
 import optuna
@@ -123,6 +124,26 @@ def test_a_reopened_study_hands_out_its_unfinished_trials_first_and_replaces_non
         _finish(again, number, {"alpha": config["alpha"], "a": 0.0})
     assert _states(again) == ["COMPLETE"] * 3 + ["FAIL"] + ["COMPLETE"] * 2  # never trained
     assert again.next() is None and again.next() is None  # each handed out once
+
+
+def test_a_trial_handed_out_again_reports_its_later_epochs_to_its_study(tmp_path):
+    # The killed driver left a trial after epoch 1; under the reopened study it goes on from its
+    # checkpoint. Its later epochs join its first in the study (a resume's rule is rebuilt from
+    # them; Optuna ranks a pruned trial by its last), and none is reported twice.
+    space = {"alpha": FloatDistribution(0.1, 10, log=True)}
+    search = SettingSearch(tmp_path, 2, 4, seed=0, space=space)
+    number, config = search.next()
+    search.report(number, 1, 0.3)
+
+    again = SettingSearch(tmp_path, 2, 4, seed=0, space=space)
+    assert again.next() == (number, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of a step reported twice
+        for epoch, value in [(1, 0.3), (2, 0.5), (3, 0.6)]:
+            again.report(number, epoch, value)
+    again.tell(number, {"epoch": 3.0, "val_acc": 0.6, "diverged": 0.0})
+    trial = again.study.trials[number]
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == {1: 0.3, 2: 0.5, 3: 0.6}
 
 
 def test_configs_chosen_up_front_run_in_order_across_reopenings(tmp_path):
