@@ -181,6 +181,11 @@ class TrialRecord:
         return "stopped" if setting_done else "running"
 
 
+def ended_status(last: dict[str, Any] | None, max_epochs: int) -> str:
+    """How a trial's run ended, from its last row (`TrialRecord.status` of a finished one)."""
+    return TrialRecord("", "", {}, [last] if last else []).status(max_epochs, True)
+
+
 # The config keys Tune trials carry besides the sampled parameters: one Tune experiment runs every
 # noise setting (SETTING), and each trial is named by its searcher (TRIAL, e.g. "t00007"), which
 # is also its folder under the setting's.

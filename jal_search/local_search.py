@@ -27,9 +27,9 @@ from jal_search.errors import UserError
 from jal_search.experiment import (
     SETTING,
     TRIAL,
-    TrialRecord,
     check_space,
     ended,
+    ended_status,
     no_space,
     sampled,
     storage_full,
@@ -156,9 +156,7 @@ def run_search(
                 end(name, trial_name(number), row)
 
     def end(name: str, trial: str, last: dict[str, Any]) -> None:
-        status = TrialRecord(name, trial, {}, [last] if last else []).status(
-            spec.budget.epochs, True
-        )
+        status = ended_status(last, spec.budget.epochs)
         if tracker:
             tracker.on_trial_end(name, trial, status)
         _say_end(name, trial, status, last)

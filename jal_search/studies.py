@@ -298,6 +298,9 @@ class SettingSearch:
             rule.ended(t.number)
             verdicts[t.number] = None
 
+        def take_decided() -> None:  # paused trials the rule has decided since
+            verdicts.update((n, "go" if goes else "stop") for n, goes in rule.decided().items())
+
         for epoch in rule.rungs:
             for t in judged:
                 if verdicts[t.number] != "go":
@@ -306,11 +309,11 @@ class SettingSearch:
                     verdicts[t.number] = rule.judge(t.number, epoch, t.intermediate_values[epoch])
                 elif t.state != TrialState.RUNNING:
                     ended(t)  # before this rung: counted out of it
-            verdicts.update((n, "go" if goes else "stop") for n, goes in rule.decided().items())
+            take_decided()
         for t in judged:
             if t.state != TrialState.RUNNING and verdicts[t.number] is not None:
                 ended(t)
-        verdicts.update((n, "go" if goes else "stop") for n, goes in rule.decided().items())
+        take_decided()
         for t in judged:
             verdict = verdicts[t.number]
             if t.state != TrialState.RUNNING or verdict == "go":

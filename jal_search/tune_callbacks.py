@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 
-from jal_search.experiment import SETTING, TRIAL, TrialRecord, check_space, sampled
+from jal_search.experiment import SETTING, TRIAL, check_space, ended_status, sampled
 
 
 class StorageGuard(tune.Callback):
@@ -82,9 +82,7 @@ class Tracking(tune.Callback):
 
     def _end(self, setting: str, trial: str, last: dict[str, Any] | None) -> None:
         if self.tracker:
-            status = TrialRecord(setting, trial, {}, [last] if last else []).status(
-                self.max_epochs, True
-            )
+            status = ended_status(last, self.max_epochs)
             self.tracker.on_trial_end(setting, trial, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
